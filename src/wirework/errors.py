@@ -1,0 +1,138 @@
+"""One exception hierarchy for the whole package.
+
+Every error wirework raises on purpose derives from ``WireworkError``; client
+library errors are translated at the backend boundary (``raise ... from exc``)
+so callers never need to import redis, aio-pika or sqlite3 to catch ours::
+
+    WireworkError
+    ├── ConfigurationError            bad URL, unknown option, invalid setting
+    ├── BrokerError                   anything a broker backend reports
+    │   ├── BrokerUnavailableError    cannot reach / open the broker (retriable)
+    │   ├── BrokerBusyError           the broker is locked by someone else (retriable)
+    │   ├── BrokerClosedError         the broker or subscription was closed
+    │   ├── MessageTooLargeError      publish refused: over ``max_message_bytes``
+    │   ├── QueueFullError            publish refused: topic at its length limit
+    │   ├── AlreadySettledError       a delivery was acked/nacked twice
+    │   └── DeadLetterNotFoundError   no dead letter with that id
+    └── DecodeError                   a message cannot become a typed event
+        ├── DeserializationError      not a decodable CloudEvent / not JSON
+        ├── SchemaValidationError     JSON that breaks the body's schema
+        └── UnknownMessageTypeError   no handler registered for the event type
+
+    HandlerSignal                     raised by handlers on purpose, not errors
+    ├── Retry                         retry this message after ``delay`` seconds
+    └── Reject                        dead-letter this message now (reason ``rejected``)
+
+``retriable`` on a class says whether repeating the same call may succeed.
+"""
+
+from __future__ import annotations
+
+
+class WireworkError(Exception):
+    """Root of every error wirework raises on purpose."""
+
+    retriable: bool = False
+
+
+class ConfigurationError(WireworkError):
+    """A setting, option or URL is invalid; the message says what to write instead."""
+
+
+class BrokerError(WireworkError):
+    """A broker backend failed to do what was asked."""
+
+
+class BrokerUnavailableError(BrokerError):
+    """The broker cannot be reached or opened; retrying later may succeed."""
+
+    retriable = True
+
+
+class BrokerBusyError(BrokerError):
+    """The broker's storage is locked by another party past the busy timeout.
+
+    The operation had no effect: a publish that raised this was not stored.
+    """
+
+    retriable = True
+
+
+class BrokerClosedError(BrokerError):
+    """The broker or subscription was closed before or during the call."""
+
+
+class MessageTooLargeError(BrokerError):
+    """A message is over the broker's ``max_message_bytes``; nothing was stored."""
+
+    def __init__(self, size: int, limit: int, *, topic: str) -> None:
+        super().__init__(
+            f"message for topic {topic!r} is {size} bytes, over the limit of {limit} bytes "
+            f"(max_message_bytes); send a reference to the payload instead, "
+            f"or raise the limit on the broker"
+        )
+        self.size = size
+        self.limit = limit
+        self.topic = topic
+
+
+class QueueFullError(BrokerError):
+    """The topic holds ``max_queue_length`` messages already (reject-publish backpressure)."""
+
+    retriable = True
+
+
+class AlreadySettledError(BrokerError):
+    """A delivery was settled (ack, nack or dead-letter) more than once."""
+
+
+class DeadLetterNotFoundError(BrokerError):
+    """No dead-letter record has the given id."""
+
+
+class DecodeError(WireworkError):
+    """A delivered message cannot become a typed event; retrying cannot help."""
+
+    reason: str = "deserialization_error"
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class DeserializationError(DecodeError):
+    """The bytes are not a CloudEvent wirework can read (bad JSON, bad UTF-8, missing id)."""
+
+    reason = "deserialization_error"
+
+
+class SchemaValidationError(DecodeError):
+    """The event's data breaks its model; ``field`` is a JSON pointer to the first bad field."""
+
+    reason = "schema_validation"
+
+
+class UnknownMessageTypeError(DecodeError):
+    """The event's ``type`` names no registered handler."""
+
+    reason = "unknown_message_type"
+
+
+class HandlerSignal(Exception):  # noqa: N818 - control-flow signals carry no Error suffix
+    """Base of the signals a handler raises on purpose to steer its message."""
+
+
+class Retry(HandlerSignal):
+    """Retry the current message after ``delay`` seconds (counts as an attempt)."""
+
+    def __init__(self, delay: float | None = None, reason: str = "") -> None:
+        super().__init__(reason or "retry requested by handler")
+        self.delay = delay
+
+
+class Reject(HandlerSignal):
+    """Dead-letter the current message at once with reason ``rejected``."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
