@@ -118,7 +118,7 @@ class UnknownMessageTypeError(DecodeError):
     reason = "unknown_message_type"
 
 
-class HandlerSignal(Exception):  # noqa: N818 - control-flow signals carry no Error suffix
+class HandlerSignal(Exception):
     """Base of the signals a handler raises on purpose to steer its message."""
 
 

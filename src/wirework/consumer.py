@@ -1,0 +1,304 @@
+"""Run one consumer of a group: decode, route, handle, then ack, retry or dead-letter.
+
+This is where the broker contract becomes safe to use: a handler exception
+means a retry after an exponential, jittered backoff, up to ``max_attempts``,
+and then the dead letters; a message that can never succeed (undecodable,
+schema-breaking, unknown type, too large) goes to the dead letters after one
+attempt, so poison never burns retries and never stops the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from wirework.brokers.base import Broker, DeadLetterReason, Delivery, Failure, Subscription
+from wirework.clock import SYSTEM_CLOCK, Clock
+from wirework.envelope import Envelope, decode_wire
+from wirework.errors import (
+    BrokerError,
+    ConfigurationError,
+    DecodeError,
+    Reject,
+    Retry,
+    SchemaValidationError,
+    UnknownMessageTypeError,
+)
+from wirework.faults import fault_point
+
+log = logging.getLogger("wirework.consumer")
+
+M = TypeVar("M", bound=BaseModel)
+
+Handler = Callable[[M, Envelope], Awaitable[None]]
+
+
+class RetryPolicy(BaseModel):
+    """Exponential backoff with jitter, bounded by ``max_attempts`` deliveries in all.
+
+    The delay after the k-th failed attempt is
+    ``min(max_delay, base_delay * multiplier**(k-1))``, scaled by a uniform
+    factor in ``[1-jitter, 1+jitter]`` so that retries of a burst spread out.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_attempts: int = Field(default=5, ge=1)
+    base_delay: float = Field(default=0.1, ge=0)
+    multiplier: float = Field(default=2.0, ge=1)
+    max_delay: float = Field(default=30.0, ge=0)
+    jitter: float = Field(default=0.2, ge=0, le=1)
+
+    def delay_for(self, attempt: int, rng: random.Random) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
+        raw = min(self.max_delay, self.base_delay * self.multiplier ** max(0, attempt - 1))
+        return raw * rng.uniform(1 - self.jitter, 1 + self.jitter)
+
+
+@dataclass(frozen=True)
+class Route(Generic[M]):
+    """Events of ``event_type`` (all types when None), parsed as ``model``, for ``handler``."""
+
+    event_type: str | None
+    model: type[M]
+    handler: Handler[M]
+
+
+@dataclass
+class ConsumerStats:
+    """Counts since start; ``in_flight`` is the handlers running right now."""
+
+    handled: int = 0
+    failed: int = 0
+    retried: int = 0
+    dead_lettered: int = 0
+    in_flight: int = 0
+    dead_letter_reasons: dict[str, int] = field(default_factory=dict)
+
+
+class Consumer:
+    """One consumer of ``subscription.group``, running at most ``concurrency`` handlers.
+
+    Run it with ``await consumer.run()`` inside the owner's task group; stop it
+    with ``await consumer.stop(grace=...)``: fetching stops at once, running
+    handlers get ``grace`` seconds, the rest are cancelled and handed back.
+    """
+
+    def __init__(
+        self,
+        broker: Broker,
+        subscription: Subscription,
+        *,
+        routes: Sequence[Route[Any]],
+        retry: RetryPolicy | None = None,
+        concurrency: int = 1,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        if concurrency < 1:
+            raise ConfigurationError(f"concurrency must be at least 1, got {concurrency}")
+        if concurrency > subscription.prefetch:
+            raise ConfigurationError(
+                f"concurrency {concurrency} is above prefetch {subscription.prefetch}: "
+                f"handlers would wait for deliveries; raise prefetch to at least {concurrency}"
+            )
+        if not routes:
+            raise ConfigurationError("a consumer needs at least one Route")
+        self.broker = broker
+        self.subscription = subscription
+        self.retry = retry or RetryPolicy()
+        self.concurrency = concurrency
+        self.stats = ConsumerStats()
+        self._routes: dict[str | None, Route[Any]] = {r.event_type: r for r in routes}
+        self._clock = clock or SYSTEM_CLOCK
+        self._rng = rng or random.Random()
+        self._stop = asyncio.Event()
+        self._grace = 5.0
+        self._running: set[asyncio.Task[None]] = set()
+        self._done = asyncio.Event()
+        self._pending_fetch: asyncio.Future[Delivery] | None = None
+
+    async def stop(self, *, grace: float = 5.0) -> None:
+        """Stop fetching, give running handlers ``grace`` seconds, and wait for ``run`` to end."""
+        self._grace = grace
+        self._stop.set()
+        await self._done.wait()
+
+    async def run(self) -> None:
+        """Consume until ``stop`` or cancellation; never returns early on a bad message."""
+        slots = asyncio.Semaphore(self.concurrency)
+        deliveries = self.broker.subscribe(self.subscription)
+        try:
+            async with asyncio.TaskGroup() as handlers:
+                await self._fetch(deliveries, slots, handlers)
+                await self._drain()
+        finally:
+            # Closing the iteration hands back whatever it still held, after the handlers.
+            if isinstance(deliveries, AsyncIterator) and hasattr(deliveries, "aclose"):
+                with contextlib.suppress(Exception):
+                    await deliveries.aclose()
+            self._done.set()
+
+    async def _fetch(
+        self,
+        deliveries: AsyncIterator[Delivery],
+        slots: asyncio.Semaphore,
+        handlers: asyncio.TaskGroup,
+    ) -> None:
+        stop = asyncio.ensure_future(self._stop.wait())
+        try:
+            while not self._stop.is_set():
+                slot = asyncio.ensure_future(slots.acquire())
+                await asyncio.wait({slot, stop}, return_when=asyncio.FIRST_COMPLETED)
+                if not slot.done() or self._stop.is_set():
+                    slot.cancel()
+                    if slot.done() and not slot.cancelled():
+                        slots.release()
+                    return
+                fetch = asyncio.ensure_future(anext(deliveries))
+                await asyncio.wait({fetch, stop}, return_when=asyncio.FIRST_COMPLETED)
+                if not fetch.done():
+                    # Stopping: the pending fetch is cancelled once handlers are done.
+                    slots.release()
+                    self._pending_fetch = fetch
+                    return
+                try:
+                    delivery = fetch.result()
+                except StopAsyncIteration:
+                    slots.release()
+                    return
+                task = handlers.create_task(self._handle(delivery, slots))
+                self._running.add(task)
+                task.add_done_callback(self._running.discard)
+        finally:
+            stop.cancel()
+
+    async def _drain(self) -> None:
+        if self._running:
+            _, late = await asyncio.wait(set(self._running), timeout=self._grace)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late)
+        pending = self._pending_fetch
+        if pending is not None and not pending.done():
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                await pending
+
+    async def _handle(self, delivery: Delivery, slots: asyncio.Semaphore) -> None:
+        self.stats.in_flight += 1
+        try:
+            await self._process(delivery)
+        except asyncio.CancelledError:
+            if not delivery.settled:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(delivery.nack(delay=0.0))
+            raise
+        except BrokerError as exc:
+            # Settling failed; the lease will run out and the message comes back.
+            log.warning(
+                "could not settle message on %s/%s: %s", delivery.topic, delivery.group, exc
+            )
+        finally:
+            self.stats.in_flight -= 1
+            slots.release()
+
+    async def _process(self, delivery: Delivery) -> None:
+        fault_point("consume.after_receive")
+        if delivery.message.size > self.broker.max_message_bytes:
+            await self._dead_letter(
+                delivery,
+                DeadLetterReason.TOO_LARGE,
+                Failure(
+                    error_type="wirework.errors.MessageTooLargeError",
+                    message=f"{delivery.message.size} bytes, limit {self.broker.max_message_bytes}",
+                ),
+            )
+            return
+        try:
+            envelope = decode_wire(delivery.message)
+            route = self._routes.get(envelope.type) or self._routes.get(None)
+            if route is None:
+                raise UnknownMessageTypeError(
+                    f"no handler for event type {envelope.type!r} on "
+                    f"{delivery.topic}/{delivery.group}; known: {self._known_types()}"
+                )
+            body: BaseModel = envelope.decode(route.model)
+        except DecodeError as exc:
+            await self._dead_letter(delivery, _decode_reason(exc), Failure.from_exception(exc))
+            return
+        fault_point("consume.after_deserialize")
+        try:
+            await route.handler(body, envelope)
+        except Reject as exc:
+            await self._dead_letter(
+                delivery, DeadLetterReason.REJECTED, Failure.from_exception(exc)
+            )
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await self._failed(delivery, exc)
+            return
+        fault_point("consume.after_handler")
+        fault_point("consume.after_commit_before_ack")
+        await delivery.ack()
+        self.stats.handled += 1
+        fault_point("consume.after_ack")
+
+    def _known_types(self) -> list[str]:
+        return sorted(name for name in self._routes if name is not None)
+
+    async def _failed(self, delivery: Delivery, exc: Exception) -> None:
+        self.stats.failed += 1
+        failure = Failure.from_exception(exc)
+        if delivery.attempt >= self.retry.max_attempts:
+            await self._dead_letter(delivery, DeadLetterReason.MAX_DELIVERIES, failure)
+            return
+        delay = exc.delay if isinstance(exc, Retry) and exc.delay is not None else None
+        if delay is None:
+            delay = self.retry.delay_for(delivery.attempt, self._rng)
+        log.info(
+            "attempt %d of %s on %s/%s failed (%s); retrying in %.3fs",
+            delivery.attempt,
+            delivery.message.message_id,
+            delivery.topic,
+            delivery.group,
+            failure.error_type,
+            delay,
+        )
+        await delivery.nack(delay=delay, error=failure)
+        self.stats.retried += 1
+
+    async def _dead_letter(
+        self, delivery: Delivery, reason: DeadLetterReason, failure: Failure
+    ) -> None:
+        log.warning(
+            "dead-lettering %s on %s/%s: %s (%s)",
+            delivery.message.message_id,
+            delivery.topic,
+            delivery.group,
+            reason.value,
+            failure.message,
+        )
+        await delivery.dead_letter(reason, failure)
+        self.stats.dead_lettered += 1
+        self.stats.dead_letter_reasons[reason.value] = (
+            self.stats.dead_letter_reasons.get(reason.value, 0) + 1
+        )
+
+
+def _decode_reason(exc: DecodeError) -> DeadLetterReason:
+    if isinstance(exc, SchemaValidationError):
+        return DeadLetterReason.SCHEMA_VALIDATION
+    if isinstance(exc, UnknownMessageTypeError):
+        return DeadLetterReason.UNKNOWN_MESSAGE_TYPE
+    return DeadLetterReason.DESERIALIZATION_ERROR
