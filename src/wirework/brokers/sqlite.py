@@ -1,0 +1,374 @@
+"""The embedded default broker: one SQLite file, shared by every process that opens it.
+
+Durable: ``publish`` returns after the commit, in WAL mode, with
+``synchronous=FULL`` under ``durability="strict"`` (the default), so a
+returned publish survives a process crash *and* a power loss. ``"fast"``
+(``synchronous=NORMAL``) still survives any process crash, but the last
+commits before an OS crash or power loss may roll back (SQLite's documented
+WAL/NORMAL window); choose it only where a replayable source exists.
+
+Processes on one machine share the file: competing consumers and groups may
+live in different processes; leases use the machine-wide monotonic clock, so a
+killed process's messages go to another consumer when its lease runs out.
+
+Limits, stated loudly: one machine only (SQLite over a network filesystem is
+not safe); after a reboot, leases are released and pending delays end at once
+(monotonic time restarts at boot); ``max_queue_length`` counts rows on every
+publish, so it costs an index scan per publish while set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from wirework.brokers import sqlite_ops as ops
+from wirework.brokers.base import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    Broker,
+    DeadLetter,
+    DeadLetterReason,
+    Delivery,
+    Failure,
+    GroupStats,
+    Subscription,
+    check_name,
+)
+from wirework.brokers.sqlite_wake import Doorbell
+from wirework.brokers.sqlite_writer import Batch, Operation, Writer
+from wirework.clock import SYSTEM_CLOCK, Clock
+from wirework.envelope import WireMessage
+from wirework.errors import (
+    AlreadySettledError,
+    BrokerClosedError,
+    ConfigurationError,
+)
+
+
+class SqliteSettings(BaseSettings):
+    """Settings of ``sqlite:///...``; also read from ``WIREWORK_SQLITE_*`` variables."""
+
+    model_config = SettingsConfigDict(env_prefix="WIREWORK_SQLITE_", extra="forbid")
+
+    durability: Literal["strict", "fast"] = "strict"
+    busy_timeout: float = Field(default=5.0, gt=0)
+    """Seconds an operation waits for another process's write lock before BrokerBusyError."""
+    max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, gt=0)
+    max_queue_length: int | None = Field(default=None, gt=0)
+    """Messages a topic may hold; a publish beyond it fails with QueueFullError."""
+    poll_interval: float = Field(default=1.0, gt=0, le=60)
+    """Longest an idle subscriber sleeps without a doorbell (leases, delays, safety net)."""
+
+
+class SqliteBroker(Broker):
+    """A durable broker in one SQLite file; see the module docstring for its promises."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        settings: SqliteSettings | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self.settings = settings or SqliteSettings()
+        self.path = Path(path)
+        if not self.path.parent.is_dir():
+            raise ConfigurationError(
+                f"the directory for the SQLite broker file {str(self.path)!r} does not exist; "
+                f"create {str(self.path.parent)!r} first or point the URL elsewhere"
+            )
+        self.max_message_bytes = self.settings.max_message_bytes
+        self._clock = clock or SYSTEM_CLOCK
+        self._writer: Writer | None = None
+        self._doorbell = Doorbell()
+        self._closed = False
+        self._closing = asyncio.Event()
+        self._held: set[SqliteDelivery] = set()
+        self._listening: set[str] = set()
+        self.stale_settles = 0
+
+    # -- plumbing -----------------------------------------------------------------
+
+    def _open_connection(self) -> sqlite3.Connection:
+        if not self.path.exists():
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600)
+            os.close(fd)
+        connection = sqlite3.connect(
+            self.path,
+            isolation_level=None,
+            check_same_thread=False,
+            timeout=self.settings.busy_timeout,
+        )
+        try:
+            connection.execute("PRAGMA journal_mode = WAL")
+            sync = "FULL" if self.settings.durability == "strict" else "NORMAL"
+            connection.execute(f"PRAGMA synchronous = {sync}")
+            ops.migrate(connection, now=self._clock.monotonic())
+        except sqlite3.DatabaseError as exc:
+            connection.close()
+            raise ConfigurationError(
+                f"{str(self.path)!r} is not a usable wirework SQLite broker file ({exc}); "
+                f"point the URL at a new file or at one wirework created"
+            ) from exc
+        return connection
+
+    def _after_commit(self, batch: Batch) -> None:
+        """Runs on the writer thread: ring other processes, then wake our own waiters."""
+        gone = self._doorbell.ring(
+            (address, topic)
+            for topic, addresses in batch.listeners.items()
+            for address in addresses
+        )
+        loop = self._loop
+        loop.call_soon_threadsafe(self._doorbell.wake_local, set(batch.listeners))
+        if gone:
+            loop.call_soon_threadsafe(self._forget_listeners, gone)
+
+    def _forget_listeners(self, addresses: list[str]) -> None:
+        if not self._closed:
+            self._call(ops.forget_listeners, addresses)
+
+    def _call(self, operation: Any, *args: Any, read_only: bool = False) -> asyncio.Future[Any]:
+        if self._writer is None:
+            self._loop = asyncio.get_running_loop()
+            self._writer = Writer(
+                self._open_connection,
+                busy_timeout=self.settings.busy_timeout,
+                after_commit=self._after_commit,
+                loop=self._loop,
+            )
+            self._doorbell_on = self._doorbell.start(self._loop)
+        return self._writer.submit(
+            lambda conn, batch: operation(conn, batch, *args), read_only=read_only
+        )
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise BrokerClosedError(f"the SQLite broker on {str(self.path)!r} is closed")
+
+    # -- the contract ------------------------------------------------------------
+
+    async def publish(
+        self,
+        topic: str,
+        message: WireMessage,
+        *,
+        key: str | None = None,
+        delay: float = 0.0,
+    ) -> None:
+        self._check_open()
+        check_name("topic", topic)
+        self.check_size(topic, message)
+        record = ops.NewMessage(
+            topic=topic,
+            key=key,
+            headers=orjson.dumps(dict(message.headers)),
+            body=message.body,
+            available_at=self._clock.monotonic() + max(0.0, delay),
+            published_at=time.time(),
+        )
+        await self._call(ops.publish, record, self.settings.max_queue_length)
+
+    async def subscribe(self, subscription: Subscription) -> AsyncIterator[Delivery]:
+        self._check_open()
+        topic, group = subscription.topic, subscription.group
+        await self._call(
+            ops.ensure_group, topic, group, subscription.start, self._clock.monotonic()
+        )
+        if topic not in self._listening and self._doorbell_on:
+            self._listening.add(topic)
+            await self._call(ops.listen, self._doorbell.address, topic)
+        wake = self._doorbell.waiter(topic)
+        mine: set[SqliteDelivery] = set()
+        room = asyncio.Event()
+        try:
+            while not self._closed:
+                free = subscription.prefetch - len(mine)
+                if free <= 0:
+                    room.clear()
+                    await self._wait(room, None)
+                    continue
+                wake.clear()
+                claimed, next_due = await self._call(
+                    ops.claim,
+                    topic,
+                    group,
+                    free,
+                    self._clock.monotonic(),
+                    subscription.lease_timeout,
+                )
+                for row in claimed:
+                    delivery = SqliteDelivery(self, row, mine, room)
+                    mine.add(delivery)
+                    self._held.add(delivery)
+                    yield delivery
+                if claimed:
+                    continue
+                pause = self.settings.poll_interval
+                if next_due is not None:
+                    pause = min(pause, max(0.0, next_due - self._clock.monotonic()) + 0.001)
+                await self._wait(wake, pause)
+        finally:
+            self._doorbell.forget(topic, wake)
+            unsettled = [d for d in mine if not d.settled]
+            if unsettled and not self._closed:
+                for delivery in unsettled:
+                    delivery.mark_settled()
+                await asyncio.shield(
+                    self._call(ops.release, [d.handle for d in unsettled], self._clock.monotonic())
+                )
+
+    async def _wait(self, event: asyncio.Event, pause: float | None) -> None:
+        waits: set[asyncio.Future[Any]] = {
+            asyncio.ensure_future(event.wait()),
+            asyncio.ensure_future(self._closing.wait()),
+        }
+        if pause is not None:
+            waits.add(asyncio.ensure_future(self._clock.sleep(pause)))
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waits:
+                waiter.cancel()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._closing.set()
+        if self._writer is not None:
+            held = [d for d in self._held if not d.settled]
+            for delivery in held:
+                delivery.mark_settled()
+            now = self._clock.monotonic()
+            handles = [d.handle for d in held]
+            address = [self._doorbell.address]
+            if held:
+                await self._call_closing(lambda c, b: ops.release(c, b, handles, now))
+            if self._listening:
+                await self._call_closing(lambda c, b: ops.forget_listeners(c, b, address))
+            await self._writer.stop()
+        self._doorbell.close()
+
+    async def _call_closing(self, operation: Operation) -> None:
+        """Last writes on close; if they fail, leases run out and the messages come back."""
+        if self._writer is None:
+            return
+        with contextlib.suppress(Exception):
+            await self._writer.submit(operation)
+
+    # -- dead letters and inspection --------------------------------------------
+
+    async def dead_letters(
+        self,
+        *,
+        topic: str | None = None,
+        group: str | None = None,
+        reason: DeadLetterReason | None = None,
+        limit: int = 100,
+    ) -> Sequence[DeadLetter]:
+        self._check_open()
+        rows = await self._call(
+            ops.list_dead_letters,
+            topic,
+            group,
+            reason.value if reason else None,
+            limit,
+            read_only=True,
+        )
+        return [ops.to_dead_letter(row) for row in rows]
+
+    async def dead_letter(self, dead_letter_id: str) -> DeadLetter:
+        self._check_open()
+        row = await self._call(ops.get_dead_letter, dead_letter_id, read_only=True)
+        return ops.to_dead_letter(row)
+
+    async def replay(self, dead_letter_ids: Sequence[str]) -> int:
+        self._check_open()
+        return int(
+            await self._call(
+                ops.replay, list(dead_letter_ids), self._clock.monotonic(), time.time()
+            )
+        )
+
+    async def stats(self) -> Sequence[GroupStats]:
+        self._check_open()
+        return list(await self._call(ops.stats, self._clock.monotonic(), read_only=True))
+
+    # -- settling (called by SqliteDelivery) --------------------------------------
+
+    async def _settle(self, delivery: SqliteDelivery, operation: Any, *args: Any) -> None:
+        if self._closed:
+            raise BrokerClosedError(
+                f"the SQLite broker on {str(self.path)!r} closed before this delivery was settled; "
+                f"its message will be delivered again"
+            )
+        self._held.discard(delivery)
+        current = await self._call(operation, delivery.handle, *args)
+        if not current:
+            self.stale_settles += 1
+
+
+class SqliteDelivery(Delivery):
+    """A claimed row: settling it is valid only while its lease token is current."""
+
+    def __init__(
+        self,
+        broker: SqliteBroker,
+        row: ops.Claimed,
+        holder: set[SqliteDelivery],
+        room: asyncio.Event,
+    ) -> None:
+        self._broker = broker
+        self._holder = holder
+        self._room = room
+        self._settled = False
+        self.handle = row.handle
+        self.topic = row.handle.topic
+        self.group = row.handle.group
+        self.key = row.key
+        self.attempt = row.attempts
+        self.first_failure_at = (
+            datetime.fromtimestamp(row.first_failure_at, UTC) if row.first_failure_at else None
+        )
+        self.message = WireMessage(headers=orjson.loads(row.headers), body=row.body)
+
+    @property
+    def settled(self) -> bool:
+        return self._settled
+
+    def mark_settled(self) -> None:
+        self._settled = True
+        self._holder.discard(self)
+        self._room.set()
+
+    def _begin(self) -> None:
+        if self._settled:
+            raise AlreadySettledError(
+                f"delivery of seq {self.handle.seq} on {self.topic}/{self.group} is already settled"
+            )
+        self.mark_settled()
+
+    async def ack(self) -> None:
+        self._begin()
+        await self._broker._settle(self, ops.ack)
+
+    async def nack(self, *, delay: float = 0.0, error: Failure | None = None) -> None:
+        self._begin()
+        now = self._broker._clock.monotonic()
+        await self._broker._settle(self, ops.nack, now + max(0.0, delay), error, time.time())
+
+    async def dead_letter(self, reason: DeadLetterReason, error: Failure | None = None) -> None:
+        self._begin()
+        await self._broker._settle(self, ops.dead_letter, reason.value, error, time.time())

@@ -1,0 +1,471 @@
+"""The SQL of the SQLite broker: each function is one step inside the writer's transaction.
+
+Functions check before they write, so one that raises our error left nothing
+behind, and the others in the same transaction still commit. All SQL is
+parameterised; table names are constants.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from wirework.brokers.base import DeadLetter, DeadLetterReason, Failure, GroupStats
+from wirework.brokers.sqlite_schema import SCHEMA, SCHEMA_VERSION
+from wirework.brokers.sqlite_writer import Batch
+from wirework.envelope import WireMessage
+from wirework.errors import ConfigurationError, DeadLetterNotFoundError, QueueFullError
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    topic: str
+    key: str | None
+    headers: bytes
+    body: bytes
+    available_at: float
+    published_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Handle:
+    """Identifies one lease of one message in one group."""
+
+    topic: str
+    group: str
+    seq: int
+    token: int
+    key: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    handle: Handle
+    key: str | None
+    attempts: int
+    first_failure_at: float | None
+    headers: bytes
+    body: bytes
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+def migrate(connection: sqlite3.Connection, *, now: float) -> None:
+    """Create or upgrade the schema, and rebase monotonic times after a reboot."""
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        for statement in SCHEMA.split(";"):
+            if statement.strip():
+                connection.execute(statement)
+        row = connection.execute("SELECT value FROM ww_meta WHERE name = 'schema'").fetchone()
+        if row is None:
+            connection.execute(
+                "INSERT INTO ww_meta (name, value) VALUES ('schema', ?)", (str(SCHEMA_VERSION),)
+            )
+        elif int(row[0]) > SCHEMA_VERSION:
+            raise ConfigurationError(
+                f"the broker file has schema version {row[0]}, newer than this wirework "
+                f"understands ({SCHEMA_VERSION}); upgrade wirework"
+            )
+        boot = _boot_id()
+        stored = connection.execute("SELECT value FROM ww_meta WHERE name = 'boot'").fetchone()
+        if stored is None or stored[0] != boot:
+            # Monotonic times of another boot mean nothing now: free leases, end delays.
+            connection.execute(
+                "UPDATE ww_deliveries SET lease_until = NULL, available_at = ?", (now,)
+            )
+            connection.execute("DELETE FROM ww_listeners")
+            connection.execute(
+                "INSERT INTO ww_meta (name, value) VALUES ('boot', ?) "
+                "ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                (boot,),
+            )
+        connection.execute("COMMIT")
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+
+
+def _wake(connection: sqlite3.Connection, batch: Batch, topic: str) -> None:
+    if topic in batch.listeners:
+        return
+    rows = connection.execute("SELECT address FROM ww_listeners WHERE topic = ?", (topic,))
+    batch.listeners[topic] = [row[0] for row in rows]
+
+
+def publish(
+    connection: sqlite3.Connection, batch: Batch, message: NewMessage, max_length: int | None
+) -> None:
+    if max_length is not None:
+        (length,) = connection.execute(
+            "SELECT COUNT(*) FROM ww_messages WHERE topic = ?", (message.topic,)
+        ).fetchone()
+        if length >= max_length:
+            raise QueueFullError(
+                f"topic {message.topic!r} holds {length} messages, its max_queue_length; "
+                f"nothing was stored: slow down, add consumers, or raise the limit"
+            )
+    groups = [
+        row[0]
+        for row in connection.execute("SELECT grp FROM ww_groups WHERE topic = ?", (message.topic,))
+    ]
+    cursor = connection.execute(
+        "INSERT INTO ww_messages (topic, key, headers, body, published_at, refs) "
+        "VALUES (?, ?, ?, ?, ?, ?)",
+        (
+            message.topic,
+            message.key,
+            message.headers,
+            message.body,
+            message.published_at,
+            len(groups),
+        ),
+    )
+    seq = cursor.lastrowid
+    if groups:
+        connection.executemany(
+            "INSERT INTO ww_deliveries (topic, grp, seq, key, available_at) VALUES (?, ?, ?, ?, ?)",
+            [(message.topic, group, seq, message.key, message.available_at) for group in groups],
+        )
+        _wake(connection, batch, message.topic)
+
+
+def ensure_group(
+    connection: sqlite3.Connection, batch: Batch, topic: str, group: str, start: str, now: float
+) -> None:
+    created = connection.execute(
+        "INSERT OR IGNORE INTO ww_groups (topic, grp) VALUES (?, ?)", (topic, group)
+    ).rowcount
+    if not created:
+        return
+    if start == "earliest":
+        connection.execute(
+            "INSERT INTO ww_deliveries (topic, grp, seq, key, available_at) "
+            "SELECT topic, ?, seq, key, ? FROM ww_messages WHERE topic = ?",
+            (group, now, topic),
+        )
+        connection.execute("UPDATE ww_messages SET refs = refs + 1 WHERE topic = ?", (topic,))
+    else:
+        # Messages kept only because no group existed yet are not this group's to read.
+        connection.execute("DELETE FROM ww_messages WHERE topic = ? AND refs = 0", (topic,))
+
+
+def listen(connection: sqlite3.Connection, batch: Batch, address: str, topic: str) -> None:
+    connection.execute(
+        "INSERT OR IGNORE INTO ww_listeners (address, topic) VALUES (?, ?)", (address, topic)
+    )
+
+
+def forget_listeners(connection: sqlite3.Connection, batch: Batch, addresses: list[str]) -> None:
+    connection.executemany(
+        "DELETE FROM ww_listeners WHERE address = ?", [(address,) for address in addresses]
+    )
+
+
+_CLAIM = """
+SELECT d.seq, d.key, d.attempts, d.first_failure_at, d.token
+FROM ww_deliveries AS d
+WHERE d.topic = :topic AND d.grp = :grp
+  AND d.available_at <= :now
+  AND (d.lease_until IS NULL OR d.lease_until <= :now)
+  AND (d.key IS NULL OR NOT EXISTS (
+        SELECT 1 FROM ww_deliveries AS e
+        WHERE e.topic = d.topic AND e.grp = d.grp AND e.key = d.key AND e.seq < d.seq))
+ORDER BY d.seq
+LIMIT :limit
+"""
+
+_NEXT_DUE = """
+SELECT MIN(CASE WHEN lease_until IS NOT NULL AND lease_until > :now
+                THEN MAX(lease_until, available_at) ELSE available_at END)
+FROM ww_deliveries
+WHERE topic = :topic AND grp = :grp
+  AND (available_at > :now OR (lease_until IS NOT NULL AND lease_until > :now))
+"""
+
+
+def claim(
+    connection: sqlite3.Connection,
+    batch: Batch,
+    topic: str,
+    group: str,
+    limit: int,
+    now: float,
+    lease: float,
+) -> tuple[list[Claimed], float | None]:
+    """Lease up to ``limit`` available messages; else say when the next one is due."""
+    params = {"topic": topic, "grp": group, "now": now, "limit": limit}
+    rows = connection.execute(_CLAIM, params).fetchall()
+    if not rows:
+        (due,) = connection.execute(_NEXT_DUE, params).fetchone()
+        return [], due
+    claimed: list[Claimed] = []
+    for seq, key, attempts, first_failure_at, token in rows:
+        connection.execute(
+            "UPDATE ww_deliveries SET lease_until = ?, attempts = attempts + 1, token = token + 1 "
+            "WHERE topic = ? AND grp = ? AND seq = ?",
+            (now + lease, topic, group, seq),
+        )
+        headers, body = connection.execute(
+            "SELECT headers, body FROM ww_messages WHERE seq = ?", (seq,)
+        ).fetchone()
+        claimed.append(
+            Claimed(
+                handle=Handle(topic, group, seq, token + 1, key),
+                key=key,
+                attempts=attempts + 1,
+                first_failure_at=first_failure_at,
+                headers=headers,
+                body=body,
+            )
+        )
+    return claimed, None
+
+
+def _remove(connection: sqlite3.Connection, handle: Handle) -> bool:
+    deleted = connection.execute(
+        "DELETE FROM ww_deliveries WHERE topic = ? AND grp = ? AND seq = ? AND token = ?",
+        (handle.topic, handle.group, handle.seq, handle.token),
+    ).rowcount
+    if not deleted:
+        return False
+    connection.execute("UPDATE ww_messages SET refs = refs - 1 WHERE seq = ?", (handle.seq,))
+    connection.execute("DELETE FROM ww_messages WHERE seq = ? AND refs <= 0", (handle.seq,))
+    return True
+
+
+def ack(connection: sqlite3.Connection, batch: Batch, handle: Handle) -> bool:
+    """True if this lease was current; a stale ack (lease ran out) changes nothing."""
+    removed = _remove(connection, handle)
+    if removed and handle.key is not None:
+        # The next message of the same key was waiting for this one.
+        successor = connection.execute(
+            "SELECT 1 FROM ww_deliveries WHERE topic = ? AND grp = ? AND key = ? LIMIT 1",
+            (handle.topic, handle.group, handle.key),
+        ).fetchone()
+        if successor is not None:
+            _wake(connection, batch, handle.topic)
+    return removed
+
+
+def nack(
+    connection: sqlite3.Connection,
+    batch: Batch,
+    handle: Handle,
+    available_at: float,
+    error: Failure | None,
+    wall: float,
+) -> bool:
+    changed = connection.execute(
+        "UPDATE ww_deliveries SET lease_until = NULL, available_at = ?, "
+        "first_failure_at = CASE WHEN ? THEN COALESCE(first_failure_at, ?) "
+        "ELSE first_failure_at END, "
+        "last_error = COALESCE(?, last_error) "
+        "WHERE topic = ? AND grp = ? AND seq = ? AND token = ?",
+        (
+            available_at,
+            error is not None,
+            wall,
+            error.model_dump_json() if error else None,
+            handle.topic,
+            handle.group,
+            handle.seq,
+            handle.token,
+        ),
+    ).rowcount
+    if changed:
+        _wake(connection, batch, handle.topic)
+    return bool(changed)
+
+
+def release(
+    connection: sqlite3.Connection, batch: Batch, handles: list[Handle], now: float
+) -> None:
+    """Hand leases back at once (a consumer left); the attempt already counted stays counted."""
+    connection.executemany(
+        "UPDATE ww_deliveries SET lease_until = NULL, available_at = MIN(available_at, ?) "
+        "WHERE topic = ? AND grp = ? AND seq = ? AND token = ?",
+        [(now, h.topic, h.group, h.seq, h.token) for h in handles],
+    )
+    for topic in {h.topic for h in handles}:
+        _wake(connection, batch, topic)
+
+
+def dead_letter(
+    connection: sqlite3.Connection,
+    batch: Batch,
+    handle: Handle,
+    reason: str,
+    error: Failure | None,
+    wall: float,
+) -> bool:
+    row = connection.execute(
+        "SELECT d.key, d.attempts, d.first_failure_at, d.last_error, m.headers, m.body "
+        "FROM ww_deliveries AS d JOIN ww_messages AS m ON m.seq = d.seq "
+        "WHERE d.topic = ? AND d.grp = ? AND d.seq = ? AND d.token = ?",
+        (handle.topic, handle.group, handle.seq, handle.token),
+    ).fetchone()
+    if row is None:
+        return False
+    key, attempts, first_failure_at, last_error, headers, body = row
+    message_id = WireMessage(headers=orjson.loads(headers), body=body).message_id
+    error_json = error.model_dump_json() if error else last_error
+    connection.execute(
+        "INSERT INTO ww_dead_letters (topic, grp, key, message_id, reason, attempts, "
+        "first_failure_at, last_failure_at, dead_lettered_at, error, headers, body) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            handle.topic,
+            handle.group,
+            key,
+            message_id,
+            reason,
+            attempts,
+            first_failure_at or wall,
+            wall,
+            wall,
+            error_json,
+            headers,
+            body,
+        ),
+    )
+    _remove(connection, handle)
+    _wake(connection, batch, handle.topic)
+    return True
+
+
+_DEAD_LETTER_COLUMNS = (
+    "id, topic, grp, key, message_id, reason, attempts, first_failure_at, last_failure_at, "
+    "dead_lettered_at, error, headers, body"
+)
+
+
+def list_dead_letters(
+    connection: sqlite3.Connection,
+    batch: Batch,
+    topic: str | None,
+    group: str | None,
+    reason: str | None,
+    limit: int,
+) -> list[tuple[Any, ...]]:
+    return connection.execute(
+        f"SELECT {_DEAD_LETTER_COLUMNS} FROM ww_dead_letters "
+        "WHERE (:topic IS NULL OR topic = :topic) AND (:grp IS NULL OR grp = :grp) "
+        "AND (:reason IS NULL OR reason = :reason) ORDER BY id LIMIT :limit",
+        {"topic": topic, "grp": group, "reason": reason, "limit": limit},
+    ).fetchall()
+
+
+def _dead_letter_row(connection: sqlite3.Connection, dead_letter_id: str) -> tuple[Any, ...]:
+    try:
+        number = int(dead_letter_id)
+    except ValueError:
+        number = -1
+    row = connection.execute(
+        f"SELECT {_DEAD_LETTER_COLUMNS} FROM ww_dead_letters WHERE id = ?", (number,)
+    ).fetchone()
+    if row is None:
+        raise DeadLetterNotFoundError(
+            f"no dead letter with id {dead_letter_id!r}; `wirework dlq list` shows the ids"
+        )
+    return tuple(row)
+
+
+def get_dead_letter(
+    connection: sqlite3.Connection, batch: Batch, dead_letter_id: str
+) -> tuple[Any, ...]:
+    return _dead_letter_row(connection, dead_letter_id)
+
+
+def replay(
+    connection: sqlite3.Connection, batch: Batch, ids: list[str], now: float, wall: float
+) -> int:
+    rows = [_dead_letter_row(connection, one) for one in dict.fromkeys(ids)]
+    for row in rows:
+        number, topic, group, key, *_rest, headers, body = row
+        connection.execute(
+            "INSERT OR IGNORE INTO ww_groups (topic, grp) VALUES (?, ?)", (topic, group)
+        )
+        cursor = connection.execute(
+            "INSERT INTO ww_messages (topic, key, headers, body, published_at, refs) "
+            "VALUES (?, ?, ?, ?, ?, 1)",
+            (topic, key, headers, body, wall),
+        )
+        connection.execute(
+            "INSERT INTO ww_deliveries (topic, grp, seq, key, available_at) VALUES (?, ?, ?, ?, ?)",
+            (topic, group, cursor.lastrowid, key, now),
+        )
+        connection.execute("DELETE FROM ww_dead_letters WHERE id = ?", (number,))
+        _wake(connection, batch, topic)
+    return len(rows)
+
+
+def to_dead_letter(row: tuple[Any, ...]) -> DeadLetter:
+    (number, topic, group, key, message_id, reason, attempts, first, last, dead, error) = row[:11]
+    headers, body = row[11], row[12]
+    return DeadLetter(
+        id=str(number),
+        topic=topic,
+        group=group,
+        key=key,
+        message_id=message_id,
+        reason=DeadLetterReason(reason),
+        attempts=attempts,
+        first_failure_at=datetime.fromtimestamp(first, UTC),
+        last_failure_at=datetime.fromtimestamp(last, UTC),
+        dead_lettered_at=datetime.fromtimestamp(dead, UTC),
+        error=Failure.model_validate_json(error) if error else None,
+        message=WireMessage(headers=orjson.loads(headers), body=bytes(body)),
+    )
+
+
+_STATS = """
+SELECT g.topic, g.grp,
+  COALESCE(SUM(d.seq IS NOT NULL AND (d.lease_until IS NULL OR d.lease_until <= :now)
+               AND d.available_at <= :now), 0),
+  COALESCE(SUM(d.seq IS NOT NULL AND (d.lease_until IS NULL OR d.lease_until <= :now)
+               AND d.available_at > :now), 0),
+  COALESCE(SUM(d.lease_until > :now), 0)
+FROM ww_groups AS g LEFT JOIN ww_deliveries AS d ON d.topic = g.topic AND d.grp = g.grp
+GROUP BY g.topic, g.grp
+ORDER BY g.topic, g.grp
+"""
+
+
+def stats(connection: sqlite3.Connection, batch: Batch, now: float) -> list[GroupStats]:
+    dead = {
+        (topic, group): count
+        for topic, group, count in connection.execute(
+            "SELECT topic, grp, COUNT(*) FROM ww_dead_letters GROUP BY topic, grp"
+        )
+    }
+    result = [
+        GroupStats(
+            topic=topic,
+            group=group,
+            ready=ready,
+            delayed=delayed,
+            in_flight=in_flight,
+            dead_lettered=dead.get((topic, group), 0),
+        )
+        for topic, group, ready, delayed, in_flight in connection.execute(_STATS, {"now": now})
+    ]
+    for topic, count in connection.execute(
+        "SELECT topic, COUNT(*) FROM ww_messages WHERE refs = 0 GROUP BY topic ORDER BY topic"
+    ):
+        result.append(
+            GroupStats(
+                topic=topic, group=None, ready=count, delayed=0, in_flight=0, dead_lettered=0
+            )
+        )
+    return result
