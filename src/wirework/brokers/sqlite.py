@@ -130,10 +130,10 @@ class SqliteBroker(Broker):
             for topic, addresses in batch.listeners.items()
             for address in addresses
         )
-        loop = self._loop
-        loop.call_soon_threadsafe(self._doorbell.wake_local, set(batch.listeners))
-        if gone:
-            loop.call_soon_threadsafe(self._forget_listeners, gone)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody to wake
+            self._loop.call_soon_threadsafe(self._doorbell.wake_local, set(batch.listeners))
+            if gone:
+                self._loop.call_soon_threadsafe(self._forget_listeners, gone)
 
     def _forget_listeners(self, addresses: list[str]) -> None:
         if not self._closed:
