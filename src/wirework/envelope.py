@@ -11,14 +11,18 @@ extensions, and body models ignore fields they do not know.
 from __future__ import annotations
 
 import base64
+import builtins
+import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
+from urllib.parse import quote, unquote
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+import pydantic_core
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from wirework.errors import DeserializationError, SchemaValidationError
 
@@ -31,6 +35,17 @@ STRUCTURED_CONTENT_TYPE = "application/cloudevents+json"
 CORE_ATTRIBUTES = ("id", "source", "type", "specversion", "time", "subject", "dataschema")
 EXTENSIONS = ("correlationid", "causationid", "replyto", "traceparent", "tracestate", "key")
 _KNOWN = frozenset((*CORE_ATTRIBUTES, *EXTENSIONS, "datacontenttype", "data", "data_base64"))
+
+# The HTTP binding (section 3.1.3.2) percent-encodes header values except for
+# printable ASCII other than space, '"' and '%'; the official SDK does the same.
+_HEADER_SAFE = "".join(chr(code) for code in range(0x21, 0x7F) if chr(code) not in ' "%')
+_JSON_OBJECT_START = re.compile(rb"[ \t\r\n]*\{")
+# JSON allows no raw control character anywhere, whitespace aside.
+_CONTROL_BYTE = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f]")
+# pydantic's error types that mean "this is not a JSON object at all".
+_NOT_AN_OBJECT = frozenset(
+    {"json_invalid", "json_type", "model_type", "dict_type", "model_attributes_type"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,25 +62,38 @@ class WireMessage:
     @property
     def size(self) -> int:
         """Bytes this message occupies, counted the way ``max_message_bytes`` counts."""
-        return len(self.body) + sum(len(k) + len(v) for k, v in self.headers.items())
+        return len(self.body) + sum(
+            _utf8_length(name) + _utf8_length(value) for name, value in self.headers.items()
+        )
 
     @property
     def message_id(self) -> str | None:
         """The CloudEvent id, read without decoding the message (binary or structured)."""
-        found = self.headers.get("ce-id")
-        if found is not None:
-            return found
+        headers = {name.lower(): value for name, value in self.headers.items()}
+        mode = _mode(headers, self.body)
+        if mode == "binary":
+            found = headers.get("ce-id")
+            return None if found is None else unquote(found)
+        if mode is None:
+            return None
         try:
             document = orjson.loads(self.body)
         except orjson.JSONDecodeError:
             return None
-        if isinstance(document, dict) and isinstance(document.get("id"), str):
-            return document["id"]
-        return None
+        found = document.get("id") if isinstance(document, dict) else None
+        return found if isinstance(found, str) else None
+
+
+def _utf8_length(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
 
 
 class Envelope(BaseModel):
-    """A CloudEvents 1.0 event with wirework's extensions; ``data`` holds the encoded body."""
+    """A CloudEvents 1.0 event with wirework's extensions; ``data`` holds the encoded body.
+
+    ``time`` is always timezone-aware: a naive time is taken to be UTC, which is
+    also how it is written on the wire.
+    """
 
     model_config = ConfigDict(frozen=True, extra="ignore")
 
@@ -86,10 +114,19 @@ class Envelope(BaseModel):
     extensions: Mapping[str, str] = Field(default_factory=dict)
     data: bytes = b""
 
+    @field_validator("time")
+    @classmethod
+    def _aware(cls, value: datetime | None) -> datetime | None:
+        # RFC 3339 times carry an offset; without this a naive time would not
+        # survive a round trip (it comes back aware, and compares unequal).
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
     @classmethod
     def new(
         cls,
-        type: str,  # noqa: A002 - the CloudEvents attribute is called type
+        type: str,
         body: BaseModel | None = None,
         *,
         source: str,
@@ -98,7 +135,7 @@ class Envelope(BaseModel):
         correlationid: str | None = None,
         causationid: str | None = None,
         replyto: str | None = None,
-        id: str | None = None,  # noqa: A002 - the CloudEvents attribute is called id
+        id: str | None = None,
         time: datetime | None = None,
     ) -> Envelope:
         """Make an event around a pydantic body, with a fresh id and correlation.
@@ -119,7 +156,8 @@ class Envelope(BaseModel):
             data=encode_body(body) if body is not None else b"",
         )
 
-    def decode(self, model: type[M]) -> M:
+    # ``builtins.type``: inside the class body ``type`` is the CloudEvents field.
+    def decode(self, model: builtins.type[M]) -> M:
         """Parse ``data`` into ``model``.
 
         Raises:
@@ -135,22 +173,87 @@ def encode_body(body: BaseModel) -> bytes:
 
 
 def decode_body(data: bytes, model: type[M]) -> M:
-    """Parse JSON bytes into ``model``, sorting failures into our two decode errors."""
+    """Parse JSON bytes into ``model``, sorting failures into our two decode errors.
+
+    Raises:
+        DeserializationError: the data is not JSON, or not a JSON object.
+        SchemaValidationError: the JSON breaks the model; ``field`` is a JSON
+            pointer (RFC 6901) to the first failing field.
+    """
     try:
         return model.model_validate_json(data)
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
         location = tuple(first["loc"])
-        if first["type"] in {"json_invalid", "json_type"} or (
-            not location and first["type"] in {"model_type", "dict_type", "model_attributes_type"}
-        ):
-            raise DeserializationError(
-                f"body is not a JSON object for {model.__name__}: {first['msg']}"
-            ) from exc
-        pointer = "/" + "/".join(str(part) for part in location)
+        if not location and first["type"] in _NOT_AN_OBJECT:
+            if first["type"] == "json_invalid":
+                detail = str(first.get("ctx", {}).get("error", first["msg"]))
+                problem = f"is not valid JSON: {_json_problem(data, detail)}"
+            else:
+                problem = f"must be a JSON object, got {_json_kind(first['input'])}"
+            raise DeserializationError(f"body for {model.__name__} {problem}") from exc
+        pointer = _json_pointer(data, location, missing=first["type"] == "missing")
         raise SchemaValidationError(
-            f"body breaks {model.__name__} at {pointer}: {first['msg']}", field=pointer
+            f"body breaks {model.__name__} at {pointer or '/'}: {first['msg']}", field=pointer
         ) from exc
+
+
+def _json_problem(data: bytes, detail: str) -> str:
+    """Name what is wrong with bytes that failed to parse as JSON (error path only)."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"not valid UTF-8 (byte 0x{data[exc.start]:02x} at offset {exc.start})"
+    if not data.strip():
+        return "it is empty"
+    control = _CONTROL_BYTE.search(data)
+    if control is not None:
+        return f"control byte 0x{data[control.start()]:02x} at offset {control.start()} ({detail})"
+    return detail
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return type(value).__name__
+
+
+def _json_pointer(data: bytes, location: tuple[int | str, ...], *, missing: bool) -> str:
+    """An RFC 6901 pointer to the failing field, checked against the document itself.
+
+    pydantic's error location also holds tags that are no key in the document
+    (``int`` or ``list[int]`` for a union member, ``[key]`` for a dict key);
+    walking the document drops them. A missing field is named by its last part.
+    """
+    try:
+        node: Any = pydantic_core.from_json(data)
+    except ValueError:  # pydantic parsed it already; never expected, so keep its location
+        return "".join(f"/{_escape(str(part))}" for part in location)
+    tokens: list[str] = []
+    last = len(location) - 1
+    for index, part in enumerate(location):
+        if isinstance(node, dict) and isinstance(part, str):
+            if part in node:
+                node = node[part]
+            elif not (missing and index == last):
+                continue
+            tokens.append(part)
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+            tokens.append(str(part))
+    return "".join(f"/{_escape(token)}" for token in tokens)
+
+
+def _escape(token: str) -> str:
+    return token.replace("~", "~0").replace("/", "~1")
 
 
 def _attributes(envelope: Envelope) -> dict[str, str]:
@@ -161,7 +264,8 @@ def _attributes(envelope: Envelope) -> dict[str, str]:
             continue
         values[name] = _format_time(value) if isinstance(value, datetime) else str(value)
     for name, value in envelope.extensions.items():
-        values.setdefault(name, value)
+        if name not in _KNOWN:  # an extension never overrides an attribute, data included
+            values.setdefault(name, value)
     return values
 
 
@@ -172,8 +276,11 @@ def _format_time(moment: datetime) -> str:
 
 
 def encode_binary(envelope: Envelope) -> WireMessage:
-    """Binary mode: attributes as ``ce-*`` headers, the body untouched."""
-    headers = {f"ce-{name}": value for name, value in _attributes(envelope).items()}
+    """Binary mode: attributes as percent-encoded ``ce-*`` headers, the body untouched."""
+    headers = {
+        f"ce-{name}": quote(value, safe=_HEADER_SAFE)
+        for name, value in _attributes(envelope).items()
+    }
     if envelope.datacontenttype is not None:
         headers["content-type"] = envelope.datacontenttype
     return WireMessage(headers=headers, body=envelope.data)
@@ -185,14 +292,8 @@ def encode_structured(envelope: Envelope) -> WireMessage:
     if envelope.datacontenttype is not None:
         document["datacontenttype"] = envelope.datacontenttype
     if envelope.data:
-        if _is_json(envelope.datacontenttype):
-            try:
-                document["data"] = orjson.Fragment(envelope.data)
-                body = orjson.dumps(document)
-                orjson.loads(body)  # the fragment must itself be valid JSON
-            except orjson.JSONDecodeError:
-                del document["data"]
-                document["data_base64"] = base64.b64encode(envelope.data).decode()
+        if _is_json(envelope.datacontenttype) and _is_one_json_value(envelope.data):
+            document["data"] = orjson.Fragment(envelope.data)
         else:
             document["data_base64"] = base64.b64encode(envelope.data).decode()
     return WireMessage(
@@ -200,11 +301,33 @@ def encode_structured(envelope: Envelope) -> WireMessage:
     )
 
 
+def _is_one_json_value(data: bytes) -> bool:
+    # Inlined verbatim, so it must be exactly one value: ``1, "type": "x"`` would
+    # otherwise add members to the document and override the event's attributes.
+    try:
+        orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return False
+    return True
+
+
 def _is_json(content_type: str | None) -> bool:
     if content_type is None:
         return True
     media = content_type.split(";", 1)[0].strip().lower()
     return media == JSON_CONTENT_TYPE or media.endswith("+json") or media == "text/json"
+
+
+def _mode(headers: Mapping[str, str], body: bytes) -> Literal["binary", "structured"] | None:
+    """Which content mode a message is in; ``headers`` have lower-case names."""
+    media = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media == STRUCTURED_CONTENT_TYPE:
+        return "structured"
+    if any(name.startswith("ce-") for name in headers):
+        return "binary"
+    if _JSON_OBJECT_START.match(body):
+        return "structured"
+    return None
 
 
 def decode_wire(message: WireMessage) -> Envelope:
@@ -215,11 +338,12 @@ def decode_wire(message: WireMessage) -> Envelope:
             message says which attribute or byte range is wrong.
     """
     headers = {k.lower(): v for k, v in message.headers.items()}
-    content_type = headers.get("content-type", "")
-    if "ce-id" in headers or "ce-specversion" in headers:
+    mode = _mode(headers, message.body)
+    if mode == "binary":
         return _decode_binary(headers, message.body)
-    if content_type.lower().startswith(STRUCTURED_CONTENT_TYPE) or message.body[:1] == b"{":
+    if mode == "structured":
         return _decode_structured(message.body)
+    content_type = headers.get("content-type")
     raise DeserializationError(
         "message is not a CloudEvent: no ce-* headers and the body is not a structured "
         f"CloudEvents JSON document (content-type {content_type or 'missing'!r}, "
@@ -235,21 +359,25 @@ def _decode_binary(headers: Mapping[str, str], body: bytes) -> Envelope:
             continue
         attribute = name[3:]
         if attribute in _KNOWN:
-            attributes[attribute] = value
+            attributes[attribute] = unquote(value)
         else:
-            extensions[attribute] = value
+            extensions[attribute] = unquote(value)
     attributes["datacontenttype"] = headers.get("content-type")
     return _build(attributes, extensions, body, where="ce-* headers")
 
 
 def _decode_structured(body: bytes) -> Envelope:
+    # pydantic-core's parser, not orjson: orjson turns integers over 64 bits into
+    # floats, which would silently change the data of an SDK-written event.
     try:
-        document = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise DeserializationError(f"structured CloudEvent is not valid JSON: {exc}") from exc
+        document = pydantic_core.from_json(body, allow_inf_nan=False)
+    except ValueError as exc:
+        raise DeserializationError(
+            f"structured CloudEvent is not valid JSON: {_json_problem(body, str(exc))}"
+        ) from exc
     if not isinstance(document, dict):
         raise DeserializationError(
-            f"structured CloudEvent must be a JSON object, got {type(document).__name__}"
+            f"structured CloudEvent must be a JSON object, got {_json_kind(document)}"
         )
     attributes: dict[str, Any] = {}
     extensions: dict[str, str] = {}
@@ -260,28 +388,38 @@ def _decode_structured(body: bytes) -> Envelope:
             attributes[name] = value
         elif isinstance(value, str | int | bool):
             extensions[name] = str(value).lower() if isinstance(value, bool) else str(value)
-    if "data_base64" in document:
+    # Absent stays absent (None), as in binary mode, so a round trip keeps it.
+    content_type = attributes.setdefault("datacontenttype", None)
+    data_is_json = _is_json(content_type) if isinstance(content_type, str) else True
+    if document.get("data_base64") is not None:
         try:
             data = base64.b64decode(document["data_base64"], validate=True)
         except (ValueError, TypeError) as exc:
-            raise DeserializationError("structured CloudEvent has invalid data_base64") from exc
-    elif "data" in document:
+            raise DeserializationError(
+                "structured CloudEvent has invalid data_base64", field="/data_base64"
+            ) from exc
+    elif document.get("data") is not None:
         raw = document["data"]
-        data = raw.encode() if isinstance(raw, str) and not _is_json(
-            attributes.get("datacontenttype")
-        ) else orjson.dumps(raw)
+        data = (
+            raw.encode()
+            if isinstance(raw, str) and not data_is_json
+            else pydantic_core.to_json(raw)
+        )
     else:
         data = b""
     return _build(attributes, extensions, data, where="structured document")
 
 
-def _build(attributes: dict[str, Any], extensions: dict[str, str], data: bytes, *, where: str) -> Envelope:
+def _build(
+    attributes: dict[str, Any], extensions: dict[str, str], data: bytes, *, where: str
+) -> Envelope:
     try:
         return Envelope.model_validate({**attributes, "extensions": extensions, "data": data})
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
-        name = ".".join(str(part) for part in first["loc"]) or "envelope"
-        raise DeserializationError(
-            f"CloudEvent attribute {name!r} in {where} is invalid: {first['msg']}",
-            field="/" + name,
-        ) from exc
+        name = "/".join(str(part) for part in first["loc"]) or "envelope"
+        if first["type"] == "missing":
+            message = f"CloudEvent has no {name!r} attribute in {where}"
+        else:
+            message = f"CloudEvent attribute {name!r} in {where} is invalid: {first['msg']}"
+        raise DeserializationError(message, field="/" + name) from exc

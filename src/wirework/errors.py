@@ -11,7 +11,7 @@ so callers never need to import redis, aio-pika or sqlite3 to catch ours::
     │   ├── BrokerBusyError           the broker is locked by someone else (retriable)
     │   ├── BrokerClosedError         the broker or subscription was closed
     │   ├── MessageTooLargeError      publish refused: over ``max_message_bytes``
-    │   ├── QueueFullError            publish refused: topic at its length limit
+    │   ├── QueueFullError            publish refused: topic at its length limit (retriable)
     │   ├── AlreadySettledError       a delivery was acked/nacked twice
     │   └── DeadLetterNotFoundError   no dead letter with that id
     └── DecodeError                   a message cannot become a typed event
