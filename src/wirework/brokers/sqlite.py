@@ -51,6 +51,7 @@ from wirework.clock import SYSTEM_CLOCK, Clock
 from wirework.envelope import WireMessage
 from wirework.errors import (
     AlreadySettledError,
+    BrokerBusyError,
     BrokerClosedError,
     ConfigurationError,
 )
@@ -115,6 +116,17 @@ class SqliteBroker(Broker):
             sync = "FULL" if self.settings.durability == "strict" else "NORMAL"
             connection.execute(f"PRAGMA synchronous = {sync}")
             ops.migrate(connection, now=self._clock.monotonic())
+        except sqlite3.OperationalError as exc:
+            connection.close()
+            if "locked" in str(exc).lower() or "busy" in str(exc).lower():
+                raise BrokerBusyError(
+                    f"the SQLite broker file {str(self.path)!r} is locked by another process "
+                    f"for more than busy_timeout={self.settings.busy_timeout}s; retry later"
+                ) from exc
+            raise ConfigurationError(
+                f"{str(self.path)!r} is not a usable wirework SQLite broker file ({exc}); "
+                f"point the URL at a new file or at one wirework created"
+            ) from exc
         except sqlite3.DatabaseError as exc:
             connection.close()
             raise ConfigurationError(

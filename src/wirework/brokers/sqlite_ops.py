@@ -61,7 +61,13 @@ def _boot_id() -> str:
 
 
 def migrate(connection: sqlite3.Connection, *, now: float) -> None:
-    """Create or upgrade the schema, and rebase monotonic times after a reboot."""
+    """Create or upgrade the schema, and rebase monotonic times after a reboot.
+
+    A file that is current (same schema, same boot) is only read, so opening
+    it does not wait for another process's write lock.
+    """
+    if _is_current(connection):
+        return
     connection.execute("BEGIN IMMEDIATE")
     try:
         for statement in SCHEMA.split(";"):
@@ -94,6 +100,16 @@ def migrate(connection: sqlite3.Connection, *, now: float) -> None:
     except BaseException:
         connection.execute("ROLLBACK")
         raise
+
+
+def _is_current(connection: sqlite3.Connection) -> bool:
+    exists = connection.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'ww_meta'"
+    ).fetchone()
+    if exists is None:
+        return False
+    values = dict(connection.execute("SELECT name, value FROM ww_meta").fetchall())
+    return values.get("schema") == str(SCHEMA_VERSION) and values.get("boot") == _boot_id()
 
 
 def _wake(connection: sqlite3.Connection, batch: Batch, topic: str) -> None:

@@ -1,0 +1,27 @@
+"""The ``wirework`` command line (``pyproject.toml`` points its script entry at ``main``)."""
+
+from __future__ import annotations
+
+import typer
+
+from wirework.cli.dlq import app as dlq_app
+from wirework.cli.topics import topics
+
+app = typer.Typer(
+    name="wirework",
+    help="Inspect a wirework broker: topics, backlogs and dead letters.",
+    no_args_is_help=True,
+    # Locals would put message bodies and broker URLs with passwords on the screen.
+    pretty_exceptions_show_locals=False,
+)
+app.command("topics")(topics)
+app.add_typer(dlq_app, name="dlq")
+
+
+def main() -> None:
+    """Run the command line; exits with 0, 1 (error) or 2 (usage)."""
+    app()
+
+
+if __name__ == "__main__":
+    main()
