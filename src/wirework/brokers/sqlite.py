@@ -314,6 +314,13 @@ class SqliteBroker(Broker):
             )
         )
 
+    @property
+    def commit_counts(self) -> tuple[int, int]:
+        """(transactions committed, operations in them) since open: group commit at work."""
+        if self._writer is None:
+            return (0, 0)
+        return (self._writer.commits, self._writer.operations)
+
     async def stats(self) -> Sequence[GroupStats]:
         self._check_open()
         return list(await self._call(ops.stats, self._clock.monotonic(), read_only=True))

@@ -68,6 +68,9 @@ class Writer:
         self._started = False
         self._connection: sqlite3.Connection | None = None
         self._current_busy_ms = -1
+        self.commits = 0
+        """Transactions committed; with ``operations`` it shows how well commits are shared."""
+        self.operations = 0
 
     def submit(self, run: Operation, *, read_only: bool = False) -> asyncio.Future[Any]:
         if not self._started:
@@ -164,6 +167,8 @@ class Writer:
                     continue
                 self._resolve([(item.future, _translate(exc)) for item in pending])
                 return
+            self.commits += 1
+            self.operations += len(pending)
             self._resolve(outcomes)
             if batch.listeners:
                 self._after_commit(batch)
