@@ -15,6 +15,7 @@ from typing import TextIO
 from pydantic import BaseModel
 
 from wirework.brokers import Subscription, connect
+from wirework.brokers.sqlite import SqliteBroker
 from wirework.consumer import Consumer, Route
 from wirework.envelope import Envelope
 
@@ -25,6 +26,8 @@ class Item(BaseModel):
 
 async def main(db: str, topic: str, group: str, out: TextIO, poll: float) -> None:
     async with connect(f"sqlite:///{db}", poll_interval=poll) as broker:
+        if not isinstance(broker, SqliteBroker):
+            raise SystemExit("this worker is for the SQLite broker")
 
         async def handle(item: Item, event: Envelope) -> None:
             out.write(f"{item.n}\n")
