@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -141,14 +141,13 @@ class Consumer:
                 await self._drain()
         finally:
             # Closing the iteration hands back whatever it still held, after the handlers.
-            if isinstance(deliveries, AsyncIterator) and hasattr(deliveries, "aclose"):
-                with contextlib.suppress(Exception):
-                    await deliveries.aclose()
+            with contextlib.suppress(Exception):
+                await deliveries.aclose()
             self._done.set()
 
     async def _fetch(
         self,
-        deliveries: AsyncIterator[Delivery],
+        deliveries: AsyncGenerator[Delivery, None],
         slots: asyncio.Semaphore,
         handlers: asyncio.TaskGroup,
     ) -> None:

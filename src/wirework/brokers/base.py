@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from datetime import datetime
 from enum import StrEnum
 from types import TracebackType
@@ -163,7 +163,11 @@ class GroupStats(BaseModel):
 class Delivery(ABC):
     """One message handed to one consumer of a group, settled exactly once.
 
-    Backend detail (row id, delivery tag, stream id) lives on the subclass.
+    A delivery that lost its message (its lease ran out and the message went
+    to another consumer, or its subscription was left and the message taken
+    again) settles without effect: the call returns, or raises ``BrokerError``,
+    and the message's current holder is untouched. Backend detail (row id,
+    delivery tag, stream id) lives on the subclass.
     """
 
     message: WireMessage
@@ -171,7 +175,7 @@ class Delivery(ABC):
     group: str
     key: str | None
     attempt: int
-    """1 for the first delivery, raised by every nack and every lease expiry."""
+    """1 for the first delivery, raised by every redelivery (nack, lease expiry, release)."""
     first_failure_at: datetime | None
     """When an attempt of this message first failed, if one has."""
 
@@ -234,12 +238,19 @@ class Broker(ABC):
         """
 
     @abstractmethod
-    def subscribe(self, subscription: Subscription) -> AsyncIterator[Delivery]:
+    def subscribe(self, subscription: Subscription) -> AsyncGenerator[Delivery, None]:
         """Deliveries for one consumer of ``subscription.group``, until the broker closes.
 
         Creates the group on first use (position from ``subscription.start``).
-        Leaving the iteration (``break``, cancellation, ``aclose()``) hands every
-        unsettled delivery it held back to the group at once.
+        Closing the generator (``aclose()``, cancellation, or ``break`` inside
+        ``contextlib.aclosing``) hands every unsettled delivery it held back to
+        the group at once, attempt counted. A plain ``break`` hands them back
+        only when the generator is collected; use ``aclosing``.
+
+        Retention: a message settled by every group that held it is removed; a
+        new ``earliest`` group gets what the topic still keeps; a message
+        published while a topic has no group is kept until the first group
+        appears, and creating a ``latest`` group drops such messages.
 
         Raises:
             BrokerClosedError: the broker was closed.

@@ -35,7 +35,7 @@ import asyncio
 import itertools
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -253,7 +253,9 @@ class MemoryBroker(Broker, DeadLetterStore, Inspectable):
             message (lease ran out and someone else took it, or it was released).
     """
 
-    def __init__(self, *, settings: MemorySettings | None = None, clock: Clock | None = None):
+    def __init__(
+        self, *, settings: MemorySettings | None = None, clock: Clock | None = None
+    ) -> None:
         self.settings = settings or MemorySettings()
         self.max_message_bytes = self.settings.max_message_bytes
         self.clock: Clock = clock or SYSTEM_CLOCK
@@ -294,11 +296,20 @@ class MemoryBroker(Broker, DeadLetterStore, Inspectable):
         for group in state.groups.values():
             group.add(stored)
 
-    def subscribe(self, subscription: Subscription) -> AsyncIterator[MemoryDelivery]:
+    def subscribe(self, subscription: Subscription) -> AsyncGenerator[MemoryDelivery, None]:
+        """Deliveries for one consumer of the group, as an async generator.
+
+        Its unsettled deliveries go back to the group when it finishes; after a
+        plain ``break`` that is when the loop finalizes the generator, so wrap it
+        in ``contextlib.aclosing`` to hand them back at the ``break`` itself.
+
+        Raises:
+            BrokerClosedError: the broker was closed.
+        """
         self._check_open()
         return self._deliveries(subscription)
 
-    async def _deliveries(self, subscription: Subscription) -> AsyncIterator[MemoryDelivery]:
+    async def _deliveries(self, subscription: Subscription) -> AsyncGenerator[MemoryDelivery, None]:
         self._check_open()
         group = self._join(subscription)
         held: list[MemoryDelivery] = []

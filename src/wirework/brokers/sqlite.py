@@ -24,7 +24,7 @@ import contextlib
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -55,6 +55,9 @@ from wirework.errors import (
     BrokerClosedError,
     ConfigurationError,
 )
+
+#: Pause before a subscription claims again after the file was locked past busy_timeout.
+_BUSY_RETRY_PAUSE = 0.05
 
 
 class SqliteSettings(BaseSettings):
@@ -192,7 +195,7 @@ class SqliteBroker(Broker):
         )
         await self._call(ops.publish, record, self.settings.max_queue_length)
 
-    async def subscribe(self, subscription: Subscription) -> AsyncIterator[Delivery]:
+    async def subscribe(self, subscription: Subscription) -> AsyncGenerator[Delivery, None]:
         self._check_open()
         topic, group = subscription.topic, subscription.group
         await self._call(
@@ -212,18 +215,26 @@ class SqliteBroker(Broker):
                     await self._wait(room, None)
                     continue
                 wake.clear()
-                claimed, next_due = await self._call(
-                    ops.claim,
-                    topic,
-                    group,
-                    free,
-                    self._clock.monotonic(),
-                    subscription.lease_timeout,
-                )
-                for row in claimed:
-                    delivery = SqliteDelivery(self, row, mine, room)
-                    mine.add(delivery)
-                    self._held.add(delivery)
+                try:
+                    claimed, next_due = await self._call(
+                        ops.claim,
+                        topic,
+                        group,
+                        free,
+                        self._clock.monotonic(),
+                        subscription.lease_timeout,
+                    )
+                except BrokerBusyError:
+                    # Another process held the write lock past busy_timeout: a passing
+                    # state, and only a close may end a subscription. Claim again.
+                    await self._wait(wake, min(self.settings.poll_interval, _BUSY_RETRY_PAUSE))
+                    continue
+                batch = [SqliteDelivery(self, row, mine, room) for row in claimed]
+                # All of the batch is held before any is yielded, so leaving mid-batch
+                # hands back the ones never seen too.
+                mine.update(batch)
+                self._held.update(batch)
+                for delivery in batch:
                     yield delivery
                 if claimed:
                     continue
@@ -234,9 +245,10 @@ class SqliteBroker(Broker):
         finally:
             self._doorbell.forget(topic, wake)
             unsettled = [d for d in mine if not d.settled]
+            self._held.difference_update(unsettled)
             if unsettled and not self._closed:
-                for delivery in unsettled:
-                    delivery.mark_settled()
+                # Not marked settled: a late settle finds the token moved on and is
+                # counted as stale, as after a lease ran out.
                 await asyncio.shield(
                     self._call(ops.release, [d.handle for d in unsettled], self._clock.monotonic())
                 )

@@ -307,10 +307,13 @@ def nack(
 def release(
     connection: sqlite3.Connection, batch: Batch, handles: list[Handle], now: float
 ) -> None:
-    """Hand leases back at once (a consumer left); the attempt already counted stays counted."""
+    """Hand leases back at once (a consumer left); the attempt already counted stays counted.
+
+    The token moves on, so a late settle of a handed-back delivery has no effect.
+    """
     connection.executemany(
-        "UPDATE ww_deliveries SET lease_until = NULL, available_at = MIN(available_at, ?) "
-        "WHERE topic = ? AND grp = ? AND seq = ? AND token = ?",
+        "UPDATE ww_deliveries SET lease_until = NULL, available_at = MIN(available_at, ?), "
+        "token = token + 1 WHERE topic = ? AND grp = ? AND seq = ? AND token = ?",
         [(now, h.topic, h.group, h.seq, h.token) for h in handles],
     )
     for topic in {h.topic for h in handles}:

@@ -89,14 +89,6 @@ class Writer:
 
     def _main(self) -> None:
         try:
-            self._connection = self._connect()
-        except WireworkError as exc:
-            self._fail_everything(exc)
-            return
-        except sqlite3.Error as exc:
-            self._fail_everything(BrokerUnavailableError(f"cannot open the SQLite broker: {exc}"))
-            return
-        try:
             running = True
             while running:
                 first = self._queue.get()
@@ -112,17 +104,32 @@ class Writer:
                         running = False
                         break
                     batch.append(item)
+                if self._connection is None and not self._open(batch):
+                    continue
                 self._run(batch)
         finally:
-            with contextlib.suppress(sqlite3.Error):
-                self._connection.close()
+            if self._connection is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    self._connection.close()
 
-    def _fail_everything(self, exc: BaseException) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            self._resolve([(item.future, exc)])
+    def _open(self, pending: list[_Queued]) -> bool:
+        """Connect; if that fails, fail ``pending`` alone and try again with the next batch.
+
+        Opening can need the write lock (a new file, a schema upgrade, the first
+        open after a reboot), so a ``BrokerBusyError`` here is as passing as
+        anywhere else: the broker must work once the lock is released.
+        """
+        error: WireworkError
+        try:
+            self._connection = self._connect()
+        except WireworkError as exc:
+            error = exc
+        except sqlite3.Error as exc:
+            error = BrokerUnavailableError(f"cannot open the SQLite broker: {exc}")
+        else:
+            return True
+        self._resolve([(item.future, error) for item in pending])
+        return False
 
     def _run(self, pending: list[_Queued]) -> None:
         connection = self._connection

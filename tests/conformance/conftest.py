@@ -1,0 +1,70 @@
+"""The backends the conformance suite runs on, each built lazily by its own parameter.
+
+A backend that needs a server (redis, amqp, nats: added with their modules)
+checks it with ``require_service`` first: locally a server that does not
+answer skips that backend's parameters with the reason, and under
+``WIREWORK_REQUIRE_SERVICES=1`` (CI) it fails them, so a missing server can
+never pass for a green run.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from wirework.brokers import connect
+from wirework.testing.conformance import ConformanceTarget, InstanceTarget, UrlTarget
+
+
+def require_service(name: str, host: str, port: int) -> None:
+    """Skip (locally) or fail (``WIREWORK_REQUIRE_SERVICES=1``) unless ``host:port`` answers."""
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return
+    except OSError as exc:
+        reason = f"{name} does not answer on {host}:{port} ({exc}); see shared/services.md"
+        if os.environ.get("WIREWORK_REQUIRE_SERVICES") == "1":
+            pytest.fail(f"{reason}; WIREWORK_REQUIRE_SERVICES=1 needs it", pytrace=False)
+        pytest.skip(reason)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """How to build one backend's target; ``service`` is the server it needs, if any."""
+
+    build: Callable[[Path], ConformanceTarget]
+    service: tuple[str, str, int] | None = None
+    marks: tuple[pytest.MarkDecorator, ...] = field(default=())
+
+
+BACKENDS: dict[str, Backend] = {
+    "memory": Backend(
+        lambda _: InstanceTarget(
+            lambda limit: connect("memory://", max_message_bytes=limit), name="memory"
+        )
+    ),
+    "sqlite": Backend(lambda tmp_path: UrlTarget(f"sqlite:///{tmp_path}/b.db", name="sqlite")),
+    # Server backends join here, e.g.
+    # "redis": Backend(lambda _: UrlTarget("redis://127.0.0.1:6379/15"),
+    #                  service=("redis", "127.0.0.1", 6379), marks=(pytest.mark.ext,)),
+}
+
+
+@pytest.fixture(params=[pytest.param(name, marks=b.marks) for name, b in BACKENDS.items()])
+async def target(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[ConformanceTarget]:
+    """A fresh, empty store of one backend; every broker a check opened is closed after it."""
+    backend = BACKENDS[request.param]
+    if backend.service is not None:
+        require_service(*backend.service)
+    built = backend.build(tmp_path)
+    try:
+        yield built
+    finally:
+        await built.aclose()
