@@ -36,7 +36,7 @@ bench: $(STAMP)
 # Re-pin after changing dependencies in pyproject.toml (needs `uv` on PATH).
 lock:
 	uv pip compile requirements/build.in --python-version 3.11 --generate-hashes -o requirements/build.lock
-	uv pip compile pyproject.toml --extra dev --extra cli --python-version 3.11 --generate-hashes -o requirements/dev.lock
+	uv pip compile pyproject.toml --extra dev --extra cli --extra bench --python-version 3.11 --generate-hashes -o requirements/dev.lock
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
