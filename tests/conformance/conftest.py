@@ -9,8 +9,10 @@ never pass for a green run.
 
 from __future__ import annotations
 
+import importlib
 import os
 import socket
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,10 +51,49 @@ BACKENDS: dict[str, Backend] = {
         )
     ),
     "sqlite": Backend(lambda tmp_path: UrlTarget(f"sqlite:///{tmp_path}/b.db", name="sqlite")),
-    # Server backends join here, e.g.
-    # "redis": Backend(lambda _: UrlTarget("redis://127.0.0.1:6379/15"),
-    #                  service=("redis", "127.0.0.1", 6379), marks=(pytest.mark.ext,)),
+    "redis": Backend(
+        lambda _: server_target("redis://127.0.0.1:6379/0", "redis"),
+        service=("Redis", "127.0.0.1", 6379),
+        marks=(pytest.mark.ext,),
+    ),
+    "rabbitmq": Backend(
+        lambda _: server_target("amqp://guest:guest@127.0.0.1:5672/", "rabbitmq"),
+        service=("RabbitMQ", "127.0.0.1", 5672),
+        marks=(pytest.mark.ext,),
+    ),
+    "nats": Backend(
+        lambda _: server_target("nats://127.0.0.1:4222", "nats"),
+        service=("NATS", "127.0.0.1", 4222),
+        marks=(pytest.mark.ext,),
+    ),
 }
+
+
+def server_target(url: str, name: str) -> ConformanceTarget:
+    """A target on a shared server, in a namespace of its own that is purged afterwards.
+
+    Every server backend's settings take ``namespace`` (the prefix of every
+    server-side name it creates) and its module has ``purge_namespace(url,
+    namespace)``, which deletes everything under it. Tests share the server,
+    never state.
+    """
+    namespace = f"wwtest-{uuid.uuid4().hex[:12]}"
+    return PurgingTarget(url, name=name, namespace=namespace)
+
+
+class PurgingTarget(UrlTarget):
+    """A UrlTarget that deletes its namespace on the server when the check is over."""
+
+    def __init__(self, url: str, *, name: str, namespace: str) -> None:
+        super().__init__(url, name=name, namespace=namespace)
+        self.url = url
+        self.namespace = namespace
+        self.backend = name
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        module = importlib.import_module(f"wirework.brokers.{self.backend}")
+        await module.purge_namespace(self.url, self.namespace)
 
 
 @pytest.fixture(params=[pytest.param(name, marks=b.marks) for name, b in BACKENDS.items()])

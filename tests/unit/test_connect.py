@@ -18,7 +18,6 @@ from wirework.errors import ConfigurationError
         ("sqlite://host/x.db", "has a host"),
         ("sqlite:///", "names no file"),
         ("sqlite:///no/such/dir/x.db", "does not exist"),
-        ("redis://localhost:6379", "not in this version"),
     ],
 )
 def test_bad_urls_name_the_fix(url: str, expected: str) -> None:

@@ -1,9 +1,11 @@
 """Broker backends, chosen by URL.
 
-``connect("memory://")`` and ``connect("sqlite:///path/to/file.db")`` open the
-shipped backends; options go in the query string (``?durability=fast``) or as
-keyword arguments. Each backend module imports its client library itself, so
-importing this package imports none.
+``connect(url)`` opens ``memory://``, ``sqlite:///path/to/file.db``,
+``redis://``, ``amqp://`` and ``nats://``; options go in the query string
+(``?durability=fast``) or as keyword arguments. The server backends take the
+URL without its query string, and their ``Settings`` from the rest. Each
+backend module imports its client library itself, so importing this package
+imports none.
 """
 
 from __future__ import annotations
@@ -39,8 +41,13 @@ __all__ = [
     "connect",
 ]
 
-_SCHEMES = ("memory://", "sqlite:///path/to/file.db")
-_LATER = {"redis", "rediss", "amqp", "amqps", "nats", "tls"}
+_SCHEMES = (
+    "memory://",
+    "sqlite:///path/to/file.db",
+    "redis://host:6379/0",
+    "amqp://user:pass@host:5672/vhost",
+    "nats://host:4222",
+)
 
 
 def connect(url: str, *, clock: Clock | None = None, **options: Any) -> Broker:
@@ -82,11 +89,19 @@ def connect(url: str, *, clock: Clock | None = None, **options: Any) -> Broker:
                 f"or sqlite:////var/lib/app/wirework.db"
             )
         return SqliteBroker(path, settings=_settings(SqliteSettings, merged, url), clock=clock)
-    if scheme in _LATER:
-        raise ConfigurationError(
-            f"the {scheme}:// backend is not in this version of wirework yet; "
-            f"use one of: {', '.join(_SCHEMES)}"
-        )
+    base_url = url.split("?", 1)[0]
+    if scheme in {"redis", "rediss"}:
+        from wirework.brokers.redis import RedisBroker, RedisSettings
+
+        return RedisBroker(base_url, settings=_settings(RedisSettings, merged, url), clock=clock)
+    if scheme in {"amqp", "amqps"}:
+        from wirework.brokers.rabbitmq import RabbitBroker, RabbitSettings
+
+        return RabbitBroker(base_url, settings=_settings(RabbitSettings, merged, url), clock=clock)
+    if scheme in {"nats", "tls"}:
+        from wirework.brokers.nats import NatsBroker, NatsSettings
+
+        return NatsBroker(base_url, settings=_settings(NatsSettings, merged, url), clock=clock)
     raise ConfigurationError(
         f"unknown broker scheme {scheme!r} in {url!r}; write one of: {', '.join(_SCHEMES)}"
     )
