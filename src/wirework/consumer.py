@@ -14,6 +14,7 @@ import contextlib
 import logging
 import random
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -71,6 +72,38 @@ class Route(Generic[M]):
     handler: Handler[M]
 
 
+@dataclass(slots=True)
+class Incoming:
+    """A decoded message on its way through the middleware to its handler.
+
+    ``items`` is scratch space for middleware (a transaction, a span) so that
+    layers can hand things inward without changing the handler's signature.
+    """
+
+    delivery: Delivery
+    envelope: Envelope
+    route: Route[Any]
+    body: BaseModel
+    items: dict[str, Any] = field(default_factory=dict)
+
+
+ConsumeApp = Callable[[Incoming], Awaitable[None]]
+"""The inner part of the onion: returns on success, raises on failure."""
+
+ConsumeMiddleware = Callable[[ConsumeApp], ConsumeApp]
+"""Wraps an inner app (Starlette's shape): ``class Timing: def __init__(self, app): ...``."""
+
+DeadLetterHook = Callable[[Delivery, DeadLetterReason, Failure], Awaitable[None]]
+
+current_incoming: ContextVar[Incoming | None] = ContextVar("wirework_incoming", default=None)
+"""The message the running handler is handling, if any (each handler has its own task)."""
+
+
+async def dispatch(incoming: Incoming) -> None:
+    """The innermost app: call the route's handler."""
+    await incoming.route.handler(incoming.body, incoming.envelope)
+
+
 @dataclass
 class ConsumerStats:
     """Counts since start; ``in_flight`` is the handlers running right now."""
@@ -99,6 +132,8 @@ class Consumer:
         routes: Sequence[Route[Any]],
         retry: RetryPolicy | None = None,
         concurrency: int = 1,
+        middleware: Sequence[ConsumeMiddleware] = (),
+        on_dead_letter: DeadLetterHook | None = None,
         clock: Clock | None = None,
         rng: random.Random | None = None,
     ) -> None:
@@ -117,6 +152,11 @@ class Consumer:
         self.concurrency = concurrency
         self.stats = ConsumerStats()
         self._routes: dict[str | None, Route[Any]] = {r.event_type: r for r in routes}
+        app: ConsumeApp = dispatch
+        for layer in reversed(middleware):
+            app = layer(app)
+        self._app = app
+        self._on_dead_letter = on_dead_letter
         self._clock = clock or SYSTEM_CLOCK
         self._rng = rng or random.Random()
         self._stop = asyncio.Event()
@@ -235,8 +275,10 @@ class Consumer:
             await self._dead_letter(delivery, _decode_reason(exc), Failure.from_exception(exc))
             return
         fault_point("consume.after_deserialize")
+        incoming = Incoming(delivery=delivery, envelope=envelope, route=route, body=body)
+        token = current_incoming.set(incoming)
         try:
-            await route.handler(body, envelope)
+            await self._app(incoming)
         except Reject as exc:
             await self._dead_letter(
                 delivery, DeadLetterReason.REJECTED, Failure.from_exception(exc)
@@ -247,6 +289,8 @@ class Consumer:
         except Exception as exc:
             await self._failed(delivery, exc)
             return
+        finally:
+            current_incoming.reset(token)
         fault_point("consume.after_handler")
         fault_point("consume.after_commit_before_ack")
         await delivery.ack()
@@ -293,6 +337,12 @@ class Consumer:
         self.stats.dead_letter_reasons[reason.value] = (
             self.stats.dead_letter_reasons.get(reason.value, 0) + 1
         )
+        if self._on_dead_letter is not None:
+            try:
+                await self._on_dead_letter(delivery, reason, failure)
+            except Exception:
+                # The message is safe in the dead letters; only the notification failed.
+                log.exception("on_dead_letter hook failed for %s", delivery.message.message_id)
 
 
 def _decode_reason(exc: DecodeError) -> DeadLetterReason:
