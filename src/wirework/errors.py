@@ -14,14 +14,19 @@ so callers never need to import redis, aio-pika or sqlite3 to catch ours::
     │   ├── QueueFullError            publish refused: topic at its length limit (retriable)
     │   ├── AlreadySettledError       a delivery was acked/nacked twice
     │   └── DeadLetterNotFoundError   no dead letter with that id
-    └── DecodeError                   a message cannot become a typed event
-        ├── DeserializationError      not a decodable CloudEvent / not JSON
-        ├── SchemaValidationError     JSON that breaks the body's schema
-        └── UnknownMessageTypeError   no handler registered for the event type
+    ├── DecodeError                   a message cannot become a typed event
+    │   ├── DeserializationError      not a decodable CloudEvent / not JSON
+    │   ├── SchemaValidationError     JSON that breaks the body's schema
+    │   └── UnknownMessageTypeError   no handler registered for the event type
+    └── RequestError                  a request over messaging got no good reply
+        ├── RequestTimeoutError       no reply by the deadline (also a TimeoutError)
+        ├── RemoteError               the responder failed; carries its error type
+        └── TooManyPendingRequestsError  the instance's pending-request limit is reached
 
     HandlerSignal                     raised by handlers on purpose, not errors
     ├── Retry                         retry this message after ``delay`` seconds
-    └── Reject                        dead-letter this message now (reason ``rejected``)
+    ├── Reject                        dead-letter this message now (reason ``rejected``)
+    └── Expired                       dead-letter this message now (reason ``expired``)
 
 ``retriable`` on a class says whether repeating the same call may succeed.
 """
@@ -118,6 +123,40 @@ class UnknownMessageTypeError(DecodeError):
     reason = "unknown_message_type"
 
 
+class RequestError(WireworkError):
+    """A request over messaging did not end in a good reply."""
+
+
+class RequestTimeoutError(RequestError, TimeoutError):
+    """No reply arrived by the deadline; the request may still be handled later."""
+
+    retriable = True
+
+    def __init__(self, subject: str, timeout: float) -> None:
+        super().__init__(
+            f"no reply to {subject!r} within {timeout:g}s; is a responder running? "
+            f"`wirework topics` shows the backlog on {subject!r}"
+        )
+        self.subject = subject
+        self.timeout = timeout
+
+
+class RemoteError(RequestError):
+    """The responder failed; ``remote_type`` names its error class, ``reason`` why."""
+
+    def __init__(self, remote_type: str, message: str, *, reason: str = "handler_error") -> None:
+        super().__init__(f"{remote_type}: {message}")
+        self.remote_type = remote_type
+        self.remote_message = message
+        self.reason = reason
+
+
+class TooManyPendingRequestsError(RequestError):
+    """This instance already waits for ``max_pending`` replies (RELIABILITY.md §3.7)."""
+
+    retriable = True
+
+
 class HandlerSignal(Exception):
     """Base of the signals a handler raises on purpose to steer its message."""
 
@@ -134,5 +173,13 @@ class Reject(HandlerSignal):
     """Dead-letter the current message at once with reason ``rejected``."""
 
     def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Expired(HandlerSignal):
+    """Dead-letter the current message at once with reason ``expired`` (its deadline passed)."""
+
+    def __init__(self, reason: str = "deadline passed before handling") -> None:
         super().__init__(reason)
         self.reason = reason

@@ -132,3 +132,7 @@ def test_every_check_has_a_test() -> None:
         if not hasattr(module, "test_" + check.__name__.removeprefix("check_"))
     ]
     assert not missing
+
+
+async def test_delete_group_forgets_only_that_group(target: ConformanceTarget) -> None:
+    await conformance.check_delete_group_forgets_only_that_group(target)

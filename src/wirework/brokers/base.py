@@ -316,3 +316,16 @@ class Inspectable(Protocol):
     async def stats(self) -> Sequence[GroupStats]:
         """One row per (topic, group); a topic without groups has one row with group None."""
         ...
+
+
+@runtime_checkable
+class GroupAdmin(Protocol):
+    """A backend that can delete a group (and a topic left without groups).
+
+    Used for short-lived groups such as a service instance's reply topic, so
+    that restarts do not leave groups behind.
+    """
+
+    async def delete_group(self, topic: str, group: str) -> None:
+        """Forget ``group`` on ``topic`` with its undelivered messages; no error if absent."""
+        ...

@@ -50,6 +50,7 @@ from wirework.brokers.base import (
     DeadLetterStore,
     Delivery,
     Failure,
+    GroupAdmin,
     GroupStats,
     Inspectable,
     Subscription,
@@ -245,7 +246,7 @@ class MemoryDelivery(Delivery):
         self._broker._remove(self._state, self._copy)
 
 
-class MemoryBroker(Broker, DeadLetterStore, Inspectable):
+class MemoryBroker(Broker, DeadLetterStore, Inspectable, GroupAdmin):
     """The broker contract in process memory; open with ``connect("memory://")``.
 
     Attributes:
@@ -381,6 +382,23 @@ class MemoryBroker(Broker, DeadLetterStore, Inspectable):
         if copy.stored.holders == 0:
             del self._topics[group.topic].messages[copy.stored.seq]
         group.notify()
+
+    async def delete_group(self, topic: str, group: str) -> None:
+        """Forget a group and its copies; a topic left with no group is forgotten too."""
+        self._check_open()
+        state = self._topics.get(topic)
+        if state is None or group not in state.groups:
+            return
+        gone = state.groups.pop(group)
+        for copy in list(gone.copies.values()):
+            copy.holder = None
+            copy.stored.holders -= 1
+            if copy.stored.holders == 0:
+                state.messages.pop(copy.stored.seq, None)
+        gone.copies.clear()
+        gone.notify()
+        if not state.groups:
+            del self._topics[topic]
 
     async def aclose(self) -> None:
         if self._closed:

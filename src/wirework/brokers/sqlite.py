@@ -326,6 +326,12 @@ class SqliteBroker(Broker):
             )
         )
 
+    async def delete_group(self, topic: str, group: str) -> None:
+        """Forget a group and its undelivered messages; a topic left without groups goes too."""
+        self._check_open()
+        await self._call(ops.delete_group, topic, group)
+        self._listening.discard(topic)
+
     @property
     def commit_counts(self) -> tuple[int, int]:
         """(transactions committed, operations in them) since open: group commit at work."""

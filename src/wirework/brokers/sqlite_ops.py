@@ -176,6 +176,25 @@ def ensure_group(
         connection.execute("DELETE FROM ww_messages WHERE topic = ? AND refs = 0", (topic,))
 
 
+def delete_group(connection: sqlite3.Connection, batch: Batch, topic: str, group: str) -> None:
+    """Forget a group and its undelivered rows; its dead letters stay for inspection."""
+    seqs = [
+        (row[0],)
+        for row in connection.execute(
+            "SELECT seq FROM ww_deliveries WHERE topic = ? AND grp = ?", (topic, group)
+        )
+    ]
+    connection.execute("DELETE FROM ww_deliveries WHERE topic = ? AND grp = ?", (topic, group))
+    connection.executemany("UPDATE ww_messages SET refs = refs - 1 WHERE seq = ?", seqs)
+    connection.execute("DELETE FROM ww_groups WHERE topic = ? AND grp = ?", (topic, group))
+    remaining = connection.execute("SELECT 1 FROM ww_groups WHERE topic = ?", (topic,)).fetchone()
+    if remaining is None:
+        connection.execute("DELETE FROM ww_messages WHERE topic = ?", (topic,))
+        connection.execute("DELETE FROM ww_listeners WHERE topic = ?", (topic,))
+    else:
+        connection.execute("DELETE FROM ww_messages WHERE topic = ? AND refs <= 0", (topic,))
+
+
 def listen(connection: sqlite3.Connection, batch: Batch, address: str, topic: str) -> None:
     connection.execute(
         "INSERT OR IGNORE INTO ww_listeners (address, topic) VALUES (?, ?)", (address, topic)

@@ -48,7 +48,9 @@ and, for every backend alike: ``check_start_position_earliest_and_latest``,
 ``check_nothing_is_kept_after_every_group_acks``,
 ``check_oversized_publish_is_refused``, ``check_invalid_topic_name_is_refused``,
 ``check_settling_twice_raises``,
-``check_closed_broker_ends_subscriptions_and_refuses_calls``.
+``check_closed_broker_ends_subscriptions_and_refuses_calls``; and the
+optional capability every shipped backend has, ``GroupAdmin``:
+``check_delete_group_forgets_only_that_group``.
 
 Three behaviours the suite fixes where the contract leaves room:
 
@@ -66,6 +68,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
+from wirework.testing.conformance.admin import check_delete_group_forgets_only_that_group
 from wirework.testing.conformance.consuming import (
     check_handler_errors_retry_then_dead_letter,
     check_malformed_payloads_dead_letter_at_once,
@@ -131,6 +134,7 @@ ALL_CHECKS: tuple[Check, ...] = (
     check_unknown_type_dead_letters,
     check_reject_dead_letters_at_once,
     check_oversized_delivery_dead_letters,
+    check_delete_group_forgets_only_that_group,
 )
 
 __all__ = [
@@ -144,6 +148,7 @@ __all__ = [
     "check_competing_consumers_share_a_group",
     "check_dead_letters_list_filter_and_get",
     "check_delayed_delivery",
+    "check_delete_group_forgets_only_that_group",
     "check_failures_keep_attempts_and_times",
     "check_fan_out_to_every_group",
     "check_handler_errors_retry_then_dead_letter",
