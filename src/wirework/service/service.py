@@ -1,0 +1,591 @@
+"""``Service``: typed handlers reached over queues, topics and request-reply.
+
+A service is declared once (decorators), then run (``async with svc:`` or
+``await svc.run()``, or ``wirework run module:svc``). Each decorated handler
+becomes one ``Consumer`` of its group; they all run in the service's task
+group and stop together, in-flight handlers first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from types import TracebackType
+from typing import Any, Literal, Self, TypeVar, overload
+
+from pydantic import BaseModel
+
+from wirework.brokers import connect
+from wirework.brokers.base import (
+    NAME_PATTERN,
+    Broker,
+    DeadLetterReason,
+    Delivery,
+    Failure,
+    Subscription,
+    check_name,
+)
+from wirework.clock import SYSTEM_CLOCK, Clock
+from wirework.consumer import (
+    ConsumeMiddleware,
+    Consumer,
+    ConsumerStats,
+    Incoming,
+    RetryPolicy,
+    Route,
+    current_incoming,
+)
+from wirework.envelope import Envelope, decode_wire, encode_binary
+from wirework.errors import (
+    ConfigurationError,
+    DecodeError,
+    Expired,
+    HandlerSignal,
+)
+from wirework.service.context import Context
+from wirework.service.handlers import HandlerSpec, event_type, inspect_handler
+from wirework.service.requests import (
+    DEADLINE_EXTENSION,
+    ERROR_EVENT_TYPE,
+    Requester,
+    RequestStats,
+    deadline_passed,
+    error_reply_body,
+)
+
+log = logging.getLogger("wirework.service")
+
+M = TypeVar("M", bound=BaseModel)
+H = TypeVar("H", bound=Callable[..., Awaitable[Any]])
+
+Publish = Callable[[str, Envelope, "str | None", float], Awaitable[None]]
+PublishMiddleware = Callable[[Publish], Publish]
+"""Wraps the publish path: ``(topic, envelope, key, delay)``; capture, trace, outbox."""
+
+Kind = Literal["consume", "subscribe", "respond"]
+
+
+@dataclass
+class Binding:
+    """One decorated handler and where it listens."""
+
+    kind: Kind
+    topic: str
+    group: str
+    spec: HandlerSpec
+    concurrency: int
+    prefetch: int
+    lease_timeout: float
+    retry: RetryPolicy
+    start: Literal["earliest", "latest"]
+    consumer: Consumer | None = field(default=None, repr=False)
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind} {self.topic}" + (
+            f" [{self.group}]" if self.group != self.topic else ""
+        )
+
+    @property
+    def stats(self) -> ConsumerStats:
+        return self.consumer.stats if self.consumer is not None else ConsumerStats()
+
+
+class Service:
+    """A named service: its handlers, its broker, and the ways to reach others.
+
+    Args:
+        name: the service's name: the default group of its subscriptions and
+            the ``source`` of what it publishes.
+        broker: a ``Broker`` (the caller closes it), a URL (the service opens
+            and closes it), or None to read ``WIREWORK_BROKER`` when started.
+        clock: time for retries, leases and deadlines (a ``ManualClock`` in tests).
+        shutdown_grace: seconds in-flight handlers get when the service stops.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        broker: Broker | str | None = None,
+        clock: Clock | None = None,
+        shutdown_grace: float = 5.0,
+    ) -> None:
+        if not NAME_PATTERN.fullmatch(name):
+            raise ConfigurationError(
+                f"invalid service name {name!r}: use 1-200 characters from A-Z a-z 0-9 . _ -"
+            )
+        self.name = name
+        self.instance = uuid.uuid4().hex[:12]
+        self.clock = clock or SYSTEM_CLOCK
+        self.shutdown_grace = shutdown_grace
+        self.bindings: list[Binding] = []
+        self._broker_arg = broker
+        self._broker: Broker | None = broker if isinstance(broker, Broker) else None
+        self._owns_broker = not isinstance(broker, Broker)
+        self._providers: dict[type[Any], Callable[[], Any]] = {}
+        self._overrides: dict[type[Any], Any] = {}
+        self._consume_middleware: list[ConsumeMiddleware] = []
+        self._publish_middleware: list[PublishMiddleware] = []
+        self._publish_app: Publish | None = None
+        self._requester: Requester | None = None
+        self._tasks: asyncio.TaskGroup | None = None
+        self._stopped = asyncio.Event()
+
+    # -- declaring ----------------------------------------------------------------
+
+    def consume(
+        self,
+        queue: str,
+        *,
+        concurrency: int = 1,
+        prefetch: int | None = None,
+        lease_timeout: float = 30.0,
+        retry: RetryPolicy | None = None,
+    ) -> Callable[[H], H]:
+        """Handle commands on ``queue``; every instance of every service competes for them."""
+        return self._bind("consume", queue, queue, concurrency, prefetch, lease_timeout, retry)
+
+    def subscribe(
+        self,
+        topic: str,
+        *,
+        group: str | None = None,
+        concurrency: int = 1,
+        prefetch: int | None = None,
+        lease_timeout: float = 30.0,
+        retry: RetryPolicy | None = None,
+        start: Literal["earliest", "latest"] = "earliest",
+    ) -> Callable[[H], H]:
+        """Get a copy of every event on ``topic`` for ``group`` (default: the service name)."""
+        return self._bind(
+            "subscribe",
+            topic,
+            group or self.name,
+            concurrency,
+            prefetch,
+            lease_timeout,
+            retry,
+            start,
+        )
+
+    def respond(
+        self,
+        subject: str,
+        *,
+        concurrency: int = 8,
+        prefetch: int | None = None,
+        lease_timeout: float = 30.0,
+        retry: RetryPolicy | None = None,
+    ) -> Callable[[H], H]:
+        """Answer requests on ``subject``; the handler's return value is the reply.
+
+        A handler exception becomes an error reply (the caller's ``RemoteError``)
+        at once; by default a request is tried once (``max_attempts=1``), since
+        its caller waits against a deadline.
+        """
+        return self._bind(
+            "respond",
+            subject,
+            subject,
+            concurrency,
+            prefetch,
+            lease_timeout,
+            retry or RetryPolicy(max_attempts=1),
+        )
+
+    def _bind(
+        self,
+        kind: Kind,
+        topic: str,
+        group: str,
+        concurrency: int,
+        prefetch: int | None,
+        lease_timeout: float,
+        retry: RetryPolicy | None,
+        start: Literal["earliest", "latest"] = "earliest",
+    ) -> Callable[[H], H]:
+        check_name("topic", topic)
+        check_name("group", group)
+
+        def decorate(function: H) -> H:
+            spec = inspect_handler(function, context_type=Context)
+            if kind == "respond" and spec.returns is None:
+                raise ConfigurationError(
+                    f"responder {spec.name} must declare its reply model as the return "
+                    f"annotation, e.g. `-> Reserved`"
+                )
+            for other in self.bindings:
+                if (other.topic, other.group) == (topic, group) and (
+                    event_type(other.spec.body_model) == event_type(spec.body_model)
+                ):
+                    raise ConfigurationError(
+                        f"{spec.name} and {other.spec.name} both handle "
+                        f"{event_type(spec.body_model)!r} on {topic}/{group}"
+                    )
+            self.bindings.append(
+                Binding(
+                    kind=kind,
+                    topic=topic,
+                    group=group,
+                    spec=spec,
+                    concurrency=concurrency,
+                    prefetch=prefetch or max(10, concurrency),
+                    lease_timeout=lease_timeout,
+                    retry=retry or RetryPolicy(),
+                    start=start,
+                )
+            )
+            return function
+
+        return decorate
+
+    def provide(self, kind: type[M] | type[Any], factory: Callable[[], Any]) -> None:
+        """Make ``factory()`` (called once, lazily) the value of parameters typed ``kind``."""
+        self._providers[kind] = factory
+
+    def override(self, kind: type[Any], value: Any) -> None:
+        """Use ``value`` for parameters typed ``kind`` (tests swap dependencies with this)."""
+        self._overrides[kind] = value
+
+    def use(self, middleware: ConsumeMiddleware) -> None:
+        """Wrap every handler of this service in ``middleware`` (outermost first)."""
+        self._consume_middleware.append(middleware)
+
+    def use_publish(self, middleware: PublishMiddleware) -> None:
+        """Wrap everything this service publishes in ``middleware`` (outermost first)."""
+        self._publish_middleware.append(middleware)
+        self._publish_app = None
+
+    # -- reaching others ----------------------------------------------------------
+
+    @property
+    def broker(self) -> Broker:
+        """The broker, opened from the URL (or ``WIREWORK_BROKER``) on first use."""
+        if self._broker is None:
+            url = self._broker_arg if isinstance(self._broker_arg, str) else None
+            url = url or os.environ.get("WIREWORK_BROKER")
+            if not url:
+                raise ConfigurationError(
+                    f"service {self.name!r} has no broker: pass broker='sqlite:///app.db' "
+                    f"(or a Broker) to Service(), or set WIREWORK_BROKER"
+                )
+            self._broker = connect(url, clock=self.clock)
+        return self._broker
+
+    def envelope(
+        self,
+        body: BaseModel,
+        *,
+        key: str | None = None,
+        replyto: str | None = None,
+        extensions: dict[str, str] | None = None,
+    ) -> Envelope:
+        """The envelope this service would publish ``body`` in, lineage included.
+
+        Inside a handler the new event is caused by the handled message and
+        shares its correlation; outside one it starts a new correlation.
+        """
+        incoming = current_incoming.get()
+        causation = incoming.envelope if incoming is not None else None
+        envelope = Envelope.new(
+            event_type(type(body)),
+            body,
+            source=f"/{self.name}",
+            key=key,
+            replyto=replyto,
+            causationid=causation.id if causation else None,
+            correlationid=(causation.correlationid or causation.id) if causation else None,
+            time=self.clock.now(),
+        )
+        if extensions:
+            envelope = envelope.model_copy(update={"extensions": extensions})
+        return envelope
+
+    async def publish(
+        self, topic: str, event: BaseModel, *, key: str | None = None, delay: float = 0.0
+    ) -> Envelope:
+        """Publish an event to every group of ``topic``; returns the envelope sent."""
+        envelope = self.envelope(event, key=key)
+        await self.publish_envelope(topic, envelope, key=key, delay=delay)
+        return envelope
+
+    async def send(
+        self, queue: str, command: BaseModel, *, key: str | None = None, delay: float = 0.0
+    ) -> Envelope:
+        """Send a command to ``queue`` (a topic read by one group); returns the envelope."""
+        return await self.publish(queue, command, key=key, delay=delay)
+
+    async def publish_envelope(
+        self, topic: str, envelope: Envelope, *, key: str | None = None, delay: float = 0.0
+    ) -> None:
+        """Publish a ready-made envelope through this service's publish middleware."""
+        if self._publish_app is None:
+            app: Publish = self._publish_raw
+            for layer in reversed(self._publish_middleware):
+                app = layer(app)
+            self._publish_app = app
+        await self._publish_app(topic, envelope, key, delay)
+
+    async def _publish_raw(
+        self, topic: str, envelope: Envelope, key: str | None, delay: float
+    ) -> None:
+        await self.broker.publish(topic, encode_binary(envelope), key=key, delay=delay)
+
+    @overload
+    async def request(
+        self, subject: str, body: BaseModel, *, returns: type[M], timeout: float
+    ) -> M: ...
+
+    @overload
+    async def request(
+        self, subject: str, body: BaseModel, *, returns: None = None, timeout: float
+    ) -> Envelope: ...
+
+    async def request(
+        self,
+        subject: str,
+        body: BaseModel,
+        *,
+        returns: type[M] | None = None,
+        timeout: float,
+    ) -> M | Envelope:
+        """Ask a responder on ``subject`` and wait at most ``timeout`` seconds for the reply.
+
+        Returns the reply parsed as ``returns`` (or its envelope).
+
+        Raises:
+            RequestTimeoutError: no reply by the deadline.
+            RemoteError: the responder raised, or dead-lettered the request.
+            TooManyPendingRequestsError: too many requests wait on this instance.
+        """
+        requester = self._running_requester()
+        deadline = self.clock.now() + timedelta(seconds=timeout)
+        envelope = self.envelope(
+            body,
+            replyto=requester.reply_topic,
+            extensions={DEADLINE_EXTENSION: deadline.isoformat()},
+        )
+        reply = await requester.request(subject, envelope, timeout)
+        return reply.decode(returns) if returns is not None else reply
+
+    def _running_requester(self) -> Requester:
+        if self._requester is None:
+            raise ConfigurationError(
+                f"service {self.name!r} is not running: requests need its reply topic, so "
+                f"call request() inside `async with service:` (or from a handler)"
+            )
+        return self._requester
+
+    @property
+    def request_stats(self) -> RequestStats:
+        return self._requester.stats if self._requester is not None else RequestStats()
+
+    # -- running ------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Open the broker and start every handler's consumer and the reply reader."""
+        if self._tasks is not None:
+            raise ConfigurationError(f"service {self.name!r} is already running")
+        broker = self.broker
+        tasks = asyncio.TaskGroup()
+        await tasks.__aenter__()
+        self._tasks = tasks
+        self._stopped.clear()
+        self._requester = Requester(
+            broker,
+            reply_topic=f"wirework.reply.{self.name}.{self.instance}",
+            clock=self.clock,
+            publish=lambda topic, envelope: self.publish_envelope(topic, envelope),
+        )
+        tasks.create_task(self._requester.run(), name=f"{self.name} replies")
+        for (topic, group), bindings in self._groups().items():
+            consumer = self._consumer(topic, group, bindings)
+            for binding in bindings:
+                binding.consumer = consumer
+            tasks.create_task(consumer.run(), name=f"{self.name} {topic}/{group}")
+
+    async def stop(self, *, grace: float | None = None) -> None:
+        """Stop taking messages, let in-flight handlers finish within ``grace``, close."""
+        tasks = self._tasks
+        if tasks is None:
+            return
+        grace = self.shutdown_grace if grace is None else grace
+        consumers = {id(b.consumer): b.consumer for b in self.bindings if b.consumer is not None}
+        try:
+            await asyncio.gather(*(c.stop(grace=grace) for c in consumers.values()))
+        finally:
+            for task in list(getattr(tasks, "_tasks", ())):
+                task.cancel()
+            try:
+                await tasks.__aexit__(None, None, None)
+            finally:
+                self._tasks = None
+                self._requester = None
+                for binding in self.bindings:
+                    binding.consumer = None
+                if self._owns_broker and self._broker is not None:
+                    await self._broker.aclose()
+                    self._broker = None
+                self._stopped.set()
+
+    async def run(self) -> None:
+        """Run until ``stop()`` is called (from a signal handler, say)."""
+        await self.start()
+        try:
+            await self._stopped.wait()
+        finally:
+            await self.stop()
+
+    # -- wiring handlers into consumers ---------------------------------------------
+
+    def _groups(self) -> dict[tuple[str, str], list[Binding]]:
+        groups: dict[tuple[str, str], list[Binding]] = {}
+        for binding in self.bindings:
+            groups.setdefault((binding.topic, binding.group), []).append(binding)
+        return groups
+
+    def _consumer(self, topic: str, group: str, bindings: Sequence[Binding]) -> Consumer:
+        first = bindings[0]
+        concurrency = max(b.concurrency for b in bindings)
+        prefetch = max(max(b.prefetch for b in bindings), concurrency)
+        routes = [
+            Route(event_type(b.spec.body_model), b.spec.body_model, self._handler(b))
+            for b in bindings
+        ]
+        responding = any(b.kind == "respond" for b in bindings)
+        return Consumer(
+            self.broker,
+            Subscription(
+                topic=topic,
+                group=group,
+                prefetch=prefetch,
+                lease_timeout=first.lease_timeout,
+                start=first.start,
+            ),
+            routes=routes,
+            retry=first.retry,
+            concurrency=concurrency,
+            middleware=self._consume_middleware,
+            on_dead_letter=self._answer_dead_letter if responding else None,
+            clock=self.clock,
+        )
+
+    def _handler(self, binding: Binding) -> Callable[[BaseModel, Envelope], Awaitable[None]]:
+        spec = binding.spec
+
+        async def handle(body: BaseModel, envelope: Envelope) -> None:
+            incoming = current_incoming.get()
+            arguments = self._arguments(spec, body, envelope, binding, incoming)
+            if binding.kind != "respond":
+                await spec.function(**arguments)
+                return
+            if deadline_passed(envelope, self.clock.now()):
+                raise Expired(f"request {envelope.id} arrived after its deadline")
+            try:
+                result = await spec.function(**arguments)
+            except HandlerSignal:
+                raise
+            except Exception as exc:
+                log.info("responder %s failed on %s: %r", spec.name, envelope.id, exc)
+                await self._reply_error(envelope, "handler_error", Failure.from_exception(exc))
+                return
+            if envelope.replyto:
+                reply = self.envelope(result)
+                await self.publish_envelope(envelope.replyto, reply)
+
+        return handle
+
+    def _arguments(
+        self,
+        spec: HandlerSpec,
+        body: BaseModel,
+        envelope: Envelope,
+        binding: Binding,
+        incoming: Incoming | None,
+    ) -> dict[str, Any]:
+        arguments: dict[str, Any] = {spec.body_name: body}
+        if spec.context_name is not None:
+            delivery = incoming.delivery if incoming is not None else None
+            arguments[spec.context_name] = Context(
+                service=self,
+                envelope=envelope,
+                topic=binding.topic,
+                group=binding.group,
+                attempt=delivery.attempt if delivery is not None else 1,
+                headers=delivery.message.headers if delivery is not None else {},
+            )
+        for name, kind in spec.dependencies.items():
+            arguments[name] = self._dependency(kind, spec)
+        return arguments
+
+    def _dependency(self, kind: type[Any], spec: HandlerSpec) -> Any:
+        if kind in self._overrides:
+            return self._overrides[kind]
+        factory = self._providers.get(kind)
+        if factory is None:
+            raise ConfigurationError(
+                f"handler {spec.name} needs a {kind.__name__}, which service {self.name!r} "
+                f"does not provide; call service.provide({kind.__name__}, factory)"
+            )
+        value = factory()
+        self._overrides.setdefault(kind, value)
+        return self._overrides[kind]
+
+    async def _reply_error(self, request: Envelope, reason: str, failure: Failure) -> None:
+        if not request.replyto:
+            return
+        reply = self.envelope(error_reply_body(reason, failure))
+        reply = reply.model_copy(update={"type": ERROR_EVENT_TYPE})
+        await self.publish_envelope(request.replyto, reply)
+
+    async def _answer_dead_letter(
+        self, delivery: Delivery, reason: DeadLetterReason, failure: Failure
+    ) -> None:
+        """A dead-lettered request still gets an answer: an error reply, never silence."""
+        try:
+            request = decode_wire(delivery.message)
+        except DecodeError:
+            headers = {k.lower(): v for k, v in delivery.message.headers.items()}
+            replyto, request_id = headers.get("ce-replyto"), headers.get("ce-id")
+            if not (replyto and request_id):
+                return
+            request = Envelope(id=request_id, source="/unknown", type="unknown", replyto=replyto)
+        if request.replyto is None or not NAME_PATTERN.fullmatch(request.replyto):
+            return
+        token = current_incoming.set(
+            Incoming(delivery=delivery, envelope=request, route=_NO_ROUTE, body=_EMPTY)
+        )
+        try:
+            await self._reply_error(request, reason.value, failure)
+        finally:
+            current_incoming.reset(token)
+
+
+class _Empty(BaseModel):
+    pass
+
+
+async def _no_handler(body: BaseModel, envelope: Envelope) -> None:
+    return None
+
+
+_EMPTY = _Empty()
+_NO_ROUTE: Route[Any] = Route(None, _Empty, _no_handler)
