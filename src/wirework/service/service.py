@@ -262,6 +262,21 @@ class Service:
         self._publish_middleware.append(middleware)
         self._publish_app = None
 
+    def use_broker(self, broker: Broker | str | None) -> None:
+        """Point a stopped service at another broker (tests swap in ``memory://`` with this).
+
+        A ``Broker`` passed here is the caller's to close; a URL is opened on first use.
+        """
+        if self._tasks is not None:
+            raise ConfigurationError(f"stop service {self.name!r} before changing its broker")
+        if self._owns_broker and self._broker is not None:
+            raise ConfigurationError(
+                f"service {self.name!r} still holds the broker it opened; stop it first"
+            )
+        self._broker_arg = broker
+        self._broker = broker if isinstance(broker, Broker) else None
+        self._owns_broker = not isinstance(broker, Broker)
+
     # -- reaching others ----------------------------------------------------------
 
     @property
