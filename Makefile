@@ -15,7 +15,7 @@ $(STAMP): requirements/dev.lock requirements/build.lock pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m examples.demo
+	$(BIN)/python -m examples.shop
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench examples

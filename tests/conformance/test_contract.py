@@ -134,5 +134,5 @@ def test_every_check_has_a_test() -> None:
     assert not missing
 
 
-async def test_delete_group_forgets_only_that_group(target: ConformanceTarget) -> None:
-    await conformance.check_delete_group_forgets_only_that_group(target)
+async def test_declare_and_delete_groups(target: ConformanceTarget) -> None:
+    await conformance.check_declare_and_delete_groups(target)

@@ -320,11 +320,18 @@ class Inspectable(Protocol):
 
 @runtime_checkable
 class GroupAdmin(Protocol):
-    """A backend that can delete a group (and a topic left without groups).
+    """A backend that manages groups explicitly (all shipped ones).
 
-    Used for short-lived groups such as a service instance's reply topic, so
-    that restarts do not leave groups behind.
+    ``declare_group`` lets a service create its groups *before* it reports
+    itself started, so nothing published afterwards can miss a group that was
+    still being created; ``delete_group`` removes short-lived groups such as a
+    service instance's reply topic, so that restarts leave nothing behind.
     """
+
+    async def declare_group(self, subscription: Subscription) -> None:
+        """Create the group at ``subscription.start`` if it is new; an existing group is
+        left as it is. Returns once the group exists on the broker."""
+        ...
 
     async def delete_group(self, topic: str, group: str) -> None:
         """Forget ``group`` on ``topic`` with its undelivered messages; no error if absent."""

@@ -383,6 +383,11 @@ class MemoryBroker(Broker, DeadLetterStore, Inspectable, GroupAdmin):
             del self._topics[group.topic].messages[copy.stored.seq]
         group.notify()
 
+    async def declare_group(self, subscription: Subscription) -> None:
+        """Create the group now, at its start position, as ``subscribe`` would on first use."""
+        self._check_open()
+        self._join(subscription)
+
     async def delete_group(self, topic: str, group: str) -> None:
         """Forget a group and its copies; a topic left with no group is forgotten too."""
         self._check_open()

@@ -326,6 +326,17 @@ class SqliteBroker(Broker):
             )
         )
 
+    async def declare_group(self, subscription: Subscription) -> None:
+        """Create the group now, at its start position, as ``subscribe`` would on first use."""
+        self._check_open()
+        await self._call(
+            ops.ensure_group,
+            subscription.topic,
+            subscription.group,
+            subscription.start,
+            self._clock.monotonic(),
+        )
+
     async def delete_group(self, topic: str, group: str) -> None:
         """Forget a group and its undelivered messages; a topic left without groups goes too."""
         self._check_open()

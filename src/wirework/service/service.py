@@ -27,6 +27,7 @@ from wirework.brokers.base import (
     DeadLetterReason,
     Delivery,
     Failure,
+    GroupAdmin,
     Subscription,
     check_name,
 )
@@ -420,22 +421,33 @@ class Service:
         if self._tasks is not None:
             raise ConfigurationError(f"service {self.name!r} is already running")
         broker = self.broker
-        tasks = asyncio.TaskGroup()
-        await tasks.__aenter__()
-        self._tasks = tasks
-        self._stopped.clear()
-        self._requester = Requester(
+        requester = Requester(
             broker,
             reply_topic=f"wirework.reply.{self.name}.{self.instance}",
             clock=self.clock,
             publish=lambda topic, envelope: self.publish_envelope(topic, envelope),
         )
-        tasks.create_task(self._requester.run(), name=f"{self.name} replies")
-        for (topic, group), bindings in self._groups().items():
-            consumer = self._consumer(topic, group, bindings)
+        consumers = [
+            (self._consumer(topic, group, bindings), bindings)
+            for (topic, group), bindings in self._groups().items()
+        ]
+        if isinstance(broker, GroupAdmin):
+            # Groups exist before start() returns: what is published next reaches them.
+            reply = requester.reply_topic
+            await broker.declare_group(Subscription(topic=reply, group=reply))
+            for consumer, _ in consumers:
+                await broker.declare_group(consumer.subscription)
+        tasks = asyncio.TaskGroup()
+        await tasks.__aenter__()
+        self._tasks = tasks
+        self._requester = requester
+        self._stopped.clear()
+        tasks.create_task(requester.run(), name=f"{self.name} replies")
+        for consumer, bindings in consumers:
             for binding in bindings:
                 binding.consumer = consumer
-            tasks.create_task(consumer.run(), name=f"{self.name} {topic}/{group}")
+            where = f"{consumer.subscription.topic}/{consumer.subscription.group}"
+            tasks.create_task(consumer.run(), name=f"{self.name} {where}")
 
     async def stop(self, *, grace: float | None = None) -> None:
         """Stop taking messages, let in-flight handlers finish within ``grace``, close."""

@@ -50,7 +50,7 @@ and, for every backend alike: ``check_start_position_earliest_and_latest``,
 ``check_settling_twice_raises``,
 ``check_closed_broker_ends_subscriptions_and_refuses_calls``; and the
 optional capability every shipped backend has, ``GroupAdmin``:
-``check_delete_group_forgets_only_that_group``.
+``check_declare_and_delete_groups``.
 
 Three behaviours the suite fixes where the contract leaves room:
 
@@ -68,7 +68,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
-from wirework.testing.conformance.admin import check_delete_group_forgets_only_that_group
+from wirework.testing.conformance.admin import check_declare_and_delete_groups
 from wirework.testing.conformance.consuming import (
     check_handler_errors_retry_then_dead_letter,
     check_malformed_payloads_dead_letter_at_once,
@@ -134,7 +134,7 @@ ALL_CHECKS: tuple[Check, ...] = (
     check_unknown_type_dead_letters,
     check_reject_dead_letters_at_once,
     check_oversized_delivery_dead_letters,
-    check_delete_group_forgets_only_that_group,
+    check_declare_and_delete_groups,
 )
 
 __all__ = [
@@ -147,8 +147,8 @@ __all__ = [
     "check_closed_broker_ends_subscriptions_and_refuses_calls",
     "check_competing_consumers_share_a_group",
     "check_dead_letters_list_filter_and_get",
+    "check_declare_and_delete_groups",
     "check_delayed_delivery",
-    "check_delete_group_forgets_only_that_group",
     "check_failures_keep_attempts_and_times",
     "check_fan_out_to_every_group",
     "check_handler_errors_retry_then_dead_letter",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from wirework.brokers.base import GroupAdmin, Inspectable, Subscription
 from wirework.testing.conformance.support import (
-    create_groups,
     item,
     subscribed,
     take,
@@ -14,16 +13,19 @@ from wirework.testing.conformance.support import (
 from wirework.testing.conformance.target import ConformanceTarget
 
 
-async def check_delete_group_forgets_only_that_group(target: ConformanceTarget) -> None:
-    """Deleting a group drops its undelivered messages and its stats row, leaves the other
-    groups of the topic untouched, and forgets the topic with its last group."""
+async def check_declare_and_delete_groups(target: ConformanceTarget) -> None:
+    """Declared groups exist at once (and re-declaring changes nothing); deleting a group drops
+    its undelivered messages and its stats row, leaves the other groups of the topic untouched,
+    and forgets the topic with its last group."""
     broker = await target.open()
     assert isinstance(broker, GroupAdmin), f"{target.name} does not implement GroupAdmin"
     assert isinstance(broker, Inspectable)
     topic = "conformance.admin"
     doomed = Subscription(topic=topic, group="doomed")
     kept = Subscription(topic=topic, group="kept")
-    await create_groups(broker, doomed, kept)
+    await broker.declare_group(doomed)
+    await broker.declare_group(kept)
+    await broker.declare_group(kept)  # declaring again changes nothing
     for n in range(5):
         await broker.publish(topic, item(n))
     await wait_for_backlog(broker, topic, "doomed", 5)

@@ -1,0 +1,22 @@
+"""Shipping: a pool of label printers competing for one queue."""
+
+from __future__ import annotations
+
+import asyncio
+
+from examples.shop.models import PrintLabel
+from wirework.service import Context, Service
+
+PRINTED: dict[str, list[str]] = {}
+
+
+def shipping_worker(name: str) -> Service:
+    """One worker of the pool; run several and they share the queue."""
+    worker = Service("shipping")
+
+    @worker.consume("shipping.labels", concurrency=1)
+    async def print_label(command: PrintLabel, ctx: Context) -> None:
+        await asyncio.sleep(0.03)  # a printer is slow, so the other worker takes the next
+        PRINTED.setdefault(name, []).append(command.order_id)
+
+    return worker
