@@ -57,7 +57,7 @@ def item(n: int, *, key: str | None = None, event_type: str = ITEM_TYPE) -> Wire
 
 async def wait_until(
     predicate: Callable[[], bool | Awaitable[bool]],
-    timeout: float = DEADLINE,  # noqa: ASYNC109 - the deadline is the point of this helper
+    timeout: float = DEADLINE,
     *,
     what: str = "condition",
 ) -> None:
@@ -97,7 +97,7 @@ async def take(
     count: int,
     *,
     ack: bool = False,
-    timeout: float = DEADLINE,  # noqa: ASYNC109 - a deadline for the whole batch
+    timeout: float = DEADLINE,
 ) -> list[Delivery]:
     """The next ``count`` deliveries (acked if ``ack``), or a failed check after ``timeout``."""
     taken: list[Delivery] = []

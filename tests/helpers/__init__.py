@@ -1,0 +1,1 @@
+"""Helpers shared by the fault tests: ledger workers, process harness, TCP fault proxy."""

@@ -1,0 +1,81 @@
+"""A broker wrapper that writes what a consumer was handed and how it settled to a ledger.
+
+The ``Consumer`` hides the ack from its handler; wrapping the broker is how a
+worker records ``acked`` only after ``ack()`` returned, whichever code called
+it. Everything else is passed straight through.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncGenerator
+
+from wirework.brokers.base import Broker, DeadLetterReason, Delivery, Failure, Subscription
+from wirework.envelope import WireMessage
+from wirework.errors import BrokerError
+from wirework.testing.ledger import LedgerFile
+
+
+class RecordingBroker(Broker):
+    """``inner`` with ``received`` / ``acked`` / ``nacked`` / ``dead_lettered`` records."""
+
+    def __init__(self, inner: Broker, ledger: LedgerFile) -> None:
+        self.inner = inner
+        self.ledger = ledger
+        self.max_message_bytes = inner.max_message_bytes
+
+    async def publish(
+        self,
+        topic: str,
+        message: WireMessage,
+        *,
+        key: str | None = None,
+        delay: float = 0.0,
+    ) -> None:
+        await self.inner.publish(topic, message, key=key, delay=delay)
+
+    async def subscribe(self, subscription: Subscription) -> AsyncGenerator[Delivery, None]:
+        # Closing this generator closes the inner one, which hands back what it holds.
+        async with contextlib.aclosing(self.inner.subscribe(subscription)) as deliveries:
+            async for delivery in deliveries:
+                message_id = delivery.message.message_id or "-"
+                self.ledger.record("received", message_id, attempt=delivery.attempt)
+                yield RecordingDelivery(delivery, message_id, self.ledger)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class RecordingDelivery(Delivery):
+    """Settles through the inner delivery, then records the outcome."""
+
+    def __init__(self, inner: Delivery, message_id: str, ledger: LedgerFile) -> None:
+        self._inner = inner
+        self._id = message_id
+        self._ledger = ledger
+        self.message = inner.message
+        self.topic = inner.topic
+        self.group = inner.group
+        self.key = inner.key
+        self.attempt = inner.attempt
+        self.first_failure_at = inner.first_failure_at
+
+    @property
+    def settled(self) -> bool:
+        return self._inner.settled
+
+    async def ack(self) -> None:
+        try:
+            await self._inner.ack()
+        except BrokerError as exc:
+            self._ledger.record("ack_failed", self._id, error=type(exc).__name__)
+            raise
+        self._ledger.record("acked", self._id, attempt=self.attempt)
+
+    async def nack(self, *, delay: float = 0.0, error: Failure | None = None) -> None:
+        await self._inner.nack(delay=delay, error=error)
+        self._ledger.record("nacked", self._id, attempt=self.attempt, delay=f"{delay:.4f}")
+
+    async def dead_letter(self, reason: DeadLetterReason, error: Failure | None = None) -> None:
+        await self._inner.dead_letter(reason, error)
+        self._ledger.record("dead_lettered", self._id, reason=reason.value)
