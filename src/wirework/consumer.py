@@ -36,6 +36,9 @@ from wirework.faults import fault_point
 
 log = logging.getLogger("wirework.consumer")
 
+_RESUBSCRIBE_FIRST = 0.05
+_RESUBSCRIBE_MAX = 5.0
+
 M = TypeVar("M", bound=BaseModel)
 
 Handler = Callable[[M, Envelope], Awaitable[None]]
@@ -172,18 +175,53 @@ class Consumer:
         await self._done.wait()
 
     async def run(self) -> None:
-        """Consume until ``stop`` or cancellation; never returns early on a bad message."""
+        """Consume until ``stop`` or cancellation; never returns early on a bad message.
+
+        A *retriable* broker error (a lost connection, a locked file) ends only
+        the current subscription: the consumer subscribes again after a backoff
+        (50 ms doubling to 5 s), so a transient fault never stops it for good.
+        """
         slots = asyncio.Semaphore(self.concurrency)
         deliveries = self.broker.subscribe(self.subscription)
+        pause = _RESUBSCRIBE_FIRST
         try:
             async with asyncio.TaskGroup() as handlers:
-                await self._fetch(deliveries, slots, handlers)
+                while True:
+                    try:
+                        await self._fetch(deliveries, slots, handlers)
+                        break
+                    except BrokerError as exc:
+                        if not exc.retriable or self._stop.is_set():
+                            raise
+                        log.warning(
+                            "subscription to %s/%s failed (%s); subscribing again in %.2fs",
+                            self.subscription.topic,
+                            self.subscription.group,
+                            exc,
+                            pause,
+                        )
+                        await self._pause(pause)
+                        pause = min(pause * 2, _RESUBSCRIBE_MAX)
+                        if self._stop.is_set():
+                            break
+                        deliveries = self.broker.subscribe(self.subscription)
                 await self._drain()
         finally:
             # Closing the iteration hands back whatever it still held, after the handlers.
             with contextlib.suppress(Exception):
                 await deliveries.aclose()
             self._done.set()
+
+    async def _pause(self, seconds: float) -> None:
+        waits: set[asyncio.Future[Any]] = {
+            asyncio.ensure_future(self._stop.wait()),
+            asyncio.ensure_future(self._clock.sleep(seconds)),
+        }
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waits:
+                waiter.cancel()
 
     async def _fetch(
         self,
@@ -213,6 +251,9 @@ class Consumer:
                 except StopAsyncIteration:
                     slots.release()
                     return
+                except BaseException:
+                    slots.release()
+                    raise
                 task = handlers.create_task(self._handle(delivery, slots))
                 self._running.add(task)
                 task.add_done_callback(self._running.discard)
