@@ -1,1 +1,1 @@
-"""Runnable examples; ``python -m examples.demo`` is ``make demo``."""
+"""Runnable examples: the numbered walk-throughs, and ``examples.shop`` (``make demo``)."""

@@ -93,6 +93,11 @@ class ManualClock:
         for _ in range(5):
             await asyncio.sleep(0)
 
+    def next_deadline(self) -> float | None:
+        """The monotonic time the earliest waiting sleeper wakes at, or None if none waits."""
+        pending = [deadline for deadline, _, future in self._sleepers if not future.done()]
+        return min(pending, default=None)
+
     def jump_wall(self, seconds: float) -> None:
         """Jump the wall clock only (NTP step, DST bug); monotonic time is untouched."""
         self._wall += timedelta(seconds=seconds)

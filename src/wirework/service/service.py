@@ -12,7 +12,7 @@ import asyncio
 import logging
 import os
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from types import TracebackType
@@ -131,6 +131,8 @@ class Service:
         self._owns_broker = not isinstance(broker, Broker)
         self._providers: dict[type[Any], Callable[[], Any]] = {}
         self._overrides: dict[type[Any], Any] = {}
+        self._provided: dict[type[Any], Any] = {}
+        """Values made by providers, once each, kept apart from test overrides."""
         self._consume_middleware: list[ConsumeMiddleware] = []
         self._publish_middleware: list[PublishMiddleware] = []
         self._publish_app: Publish | None = None
@@ -254,6 +256,14 @@ class Service:
         """Use ``value`` for parameters typed ``kind`` (tests swap dependencies with this)."""
         self._overrides[kind] = value
 
+    def overrides(self) -> dict[type[Any], Any]:
+        """A copy of the current overrides, to hand back to ``reset_overrides`` later."""
+        return dict(self._overrides)
+
+    def reset_overrides(self, saved: Mapping[type[Any], Any] | None = None) -> None:
+        """Drop every override, then apply ``saved`` (from ``overrides()``) if given."""
+        self._overrides = dict(saved or {})
+
     def use(self, middleware: ConsumeMiddleware) -> None:
         """Wrap every handler of this service in ``middleware`` (outermost first)."""
         self._consume_middleware.append(middleware)
@@ -263,10 +273,22 @@ class Service:
         self._publish_middleware.append(middleware)
         self._publish_app = None
 
-    def use_broker(self, broker: Broker | str | None) -> None:
+    def remove_publish(self, middleware: PublishMiddleware) -> None:
+        """Unwrap a publish middleware added with ``use_publish``; absent: no error."""
+        if middleware in self._publish_middleware:
+            self._publish_middleware.remove(middleware)
+            self._publish_app = None
+
+    def remove(self, middleware: ConsumeMiddleware) -> None:
+        """Unwrap a consume middleware added with ``use``; takes effect at the next start."""
+        if middleware in self._consume_middleware:
+            self._consume_middleware.remove(middleware)
+
+    def use_broker(self, broker: Broker | str | None) -> Broker | str | None:
         """Point a stopped service at another broker (tests swap in ``memory://`` with this).
 
-        A ``Broker`` passed here is the caller's to close; a URL is opened on first use.
+        A ``Broker`` passed here is the caller's to close; a URL is opened on first
+        use. Returns the setting it replaced, so the caller can put it back.
         """
         if self._tasks is not None:
             raise ConfigurationError(f"stop service {self.name!r} before changing its broker")
@@ -274,9 +296,18 @@ class Service:
             raise ConfigurationError(
                 f"service {self.name!r} still holds the broker it opened; stop it first"
             )
+        previous = self._broker_arg
         self._broker_arg = broker
         self._broker = broker if isinstance(broker, Broker) else None
         self._owns_broker = not isinstance(broker, Broker)
+        return previous
+
+    def use_clock(self, clock: Clock) -> Clock:
+        """Give a stopped service another clock; returns the one it replaced."""
+        if self._tasks is not None:
+            raise ConfigurationError(f"stop service {self.name!r} before changing its clock")
+        previous, self.clock = self.clock, clock
+        return previous
 
     # -- reaching others ----------------------------------------------------------
 
@@ -566,15 +597,16 @@ class Service:
     def _dependency(self, kind: type[Any], spec: HandlerSpec) -> Any:
         if kind in self._overrides:
             return self._overrides[kind]
+        if kind in self._provided:
+            return self._provided[kind]
         factory = self._providers.get(kind)
         if factory is None:
             raise ConfigurationError(
                 f"handler {spec.name} needs a {kind.__name__}, which service {self.name!r} "
                 f"does not provide; call service.provide({kind.__name__}, factory)"
             )
-        value = factory()
-        self._overrides.setdefault(kind, value)
-        return self._overrides[kind]
+        value = self._provided[kind] = factory()
+        return value
 
     async def _reply_error(self, request: Envelope, reason: str, failure: Failure) -> None:
         if not request.replyto:
