@@ -8,6 +8,7 @@ so callers never need to import redis, aio-pika or sqlite3 to catch ours::
     ├── ConfigurationError            bad URL, unknown option, invalid setting
     ├── BrokerError                   anything a broker backend reports
     │   ├── BrokerUnavailableError    cannot reach / open the broker (retriable)
+    │   │   └── PublishOutcomeUnknownError  sent, then the link broke: maybe stored
     │   ├── BrokerBusyError           the broker is locked by someone else (retriable)
     │   ├── BrokerClosedError         the broker or subscription was closed
     │   ├── MessageTooLargeError      publish refused: over ``max_message_bytes``
@@ -52,6 +53,15 @@ class BrokerUnavailableError(BrokerError):
     """The broker cannot be reached or opened; retrying later may succeed."""
 
     retriable = True
+
+
+class PublishOutcomeUnknownError(BrokerUnavailableError):
+    """A publish was sent, then the connection broke before the broker answered.
+
+    Unlike its parent, this does not mean "nothing was stored": the message
+    may have been stored. Count it as unknown (Jepsen's ``info``), and let an
+    idempotent consumer absorb the copy if the caller publishes it again.
+    """
 
 
 class BrokerBusyError(BrokerError):

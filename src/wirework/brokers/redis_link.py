@@ -1,0 +1,465 @@
+"""The Redis backend's connection: scripts, outcomes, reconnection and wake-ups.
+
+Every call runs one Lua script (``redis_scripts``) on a connection taken from
+redis-py's pool. The pool hands out a connection only once it is connected
+and clean, so a failure *before* the script was sent is a definite one: the
+call had no effect. A failure *after* it was sent has an unknown outcome: the
+script may have run. ``Link.call`` keeps the two apart, because the broker
+contract lets ``publish`` report a failure only when nothing was stored:
+
+* ``resend=True`` (publish with its dedup id, settles, reads: all idempotent)
+  sends again once the connection is back, until the deadline;
+* ``wait=False`` (``on_disconnect="fail"``) fails at once while the
+  connection is known to be down and nothing was sent yet.
+
+A lost connection starts one prober task that pings with exponential backoff
+and jitter until the server answers; callers wait for it instead of hammering
+a dead server. ``Doorbell`` listens on the namespace's pub/sub channels so an
+idle subscription wakes when another process publishes or settles.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Iterator, Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+from redis.asyncio import ConnectionPool
+from redis.asyncio.client import PubSub
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import (
+    AuthenticationError,
+    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+)
+
+from wirework.brokers.redis_scripts import Script
+from wirework.clock import Clock
+from wirework.errors import (
+    BrokerBusyError,
+    BrokerClosedError,
+    BrokerError,
+    BrokerUnavailableError,
+    ConfigurationError,
+    PublishOutcomeUnknownError,
+    QueueFullError,
+)
+
+log = logging.getLogger("wirework.brokers.redis")
+
+#: How long the doorbell's read waits before it looks at the channels it should hold.
+_LISTEN_TICK = 0.25
+
+
+class GroupMissingError(BrokerError):
+    """The consumer group is gone from the server (deleted, or a restart without persistence)."""
+
+
+def where(url: str) -> str:
+    """The URL without credentials, for messages and logs (RELIABILITY.md §3.6)."""
+    parts = urlsplit(url)
+    host = parts.hostname or "localhost"
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"
+
+
+@contextlib.contextmanager
+def translate(what: str, url: str) -> Iterator[None]:
+    """Turn redis-py's errors into wirework's, saying what failed and what to do."""
+    try:
+        yield
+    except AuthenticationError as exc:
+        raise ConfigurationError(
+            f"Redis at {where(url)} refused the credentials while {what}: {exc}; "
+            f"check the user and password in the URL"
+        ) from exc
+    except OutOfMemoryError as exc:
+        raise QueueFullError(
+            f"Redis at {where(url)} is at its maxmemory limit and refused {what}; nothing was "
+            f"stored: consume or trim, or raise maxmemory (and keep maxmemory-policy noeviction)"
+        ) from exc
+    except ReadOnlyError as exc:
+        raise BrokerUnavailableError(
+            f"Redis at {where(url)} is a read-only replica and refused {what}; "
+            f"point the URL at the primary"
+        ) from exc
+    except ResponseError as exc:
+        text = str(exc)
+        if "NOGROUP" in text:
+            raise GroupMissingError(f"consumer group missing on {where(url)} while {what}") from exc
+        if "unknown command" in text.lower() and "waitaof" in text.lower():
+            raise ConfigurationError(
+                f"wait_aof needs Redis 7.2 or later (WAITAOF), and {where(url)} is older; "
+                f"turn wait_aof off and set appendfsync always on the server instead"
+            ) from exc
+        if "WAITAOF cannot be used" in text:
+            raise ConfigurationError(
+                f"wait_aof needs appendonly yes on {where(url)}: {text}"
+            ) from exc
+        raise BrokerError(f"Redis at {where(url)} refused {what}: {text}") from exc
+    except (RedisError, OSError) as exc:  # ConnectionError, TimeoutError, BusyLoadingError, ...
+        raise BrokerUnavailableError(
+            f"Redis at {where(url)} is unreachable while {what} ({type(exc).__name__}: {exc}); "
+            f"retry later"
+        ) from exc
+
+
+class Backoff:
+    """Exponential delays with jitter between ``initial`` and ``maximum`` seconds."""
+
+    def __init__(self, initial: float, maximum: float, rng: random.Random | None = None) -> None:
+        self.initial = initial
+        self.maximum = maximum
+        self._rng = rng or random.Random()
+        self._failures = 0
+
+    def reset(self) -> None:
+        self._failures = 0
+
+    def next(self) -> float:
+        raw = min(self.maximum, self.initial * 2.0 ** min(self._failures, 30))
+        self._failures += 1
+        return raw * self._rng.uniform(0.5, 1.0)
+
+
+class Link:
+    """One broker's pool of connections to Redis, with outcome-aware calls.
+
+    Args:
+        url: the Redis URL (credentials stay inside the pool).
+        clock: deadlines and the sleeps between reconnect attempts run on it.
+        connect_timeout: seconds to open a TCP connection (the handshake gets
+            ``command_timeout`` more).
+        command_timeout: seconds one command or script may take, round trip included.
+        backoff: (initial, maximum) seconds between reconnect attempts.
+        max_connections: the pool's limit.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        clock: Clock,
+        connect_timeout: float,
+        command_timeout: float,
+        backoff: tuple[float, float],
+        max_connections: int,
+    ) -> None:
+        self.url = url
+        self.clock = clock
+        self._connect_timeout = connect_timeout + command_timeout  # handshake included
+        self._command_timeout = command_timeout
+        self._backoff = backoff
+        try:
+            self.pool = ConnectionPool.from_url(
+                url,
+                decode_responses=False,
+                socket_connect_timeout=connect_timeout,
+                # No socket_timeout: with one, redis-py sends under asyncio.wait_for, which
+                # on Python 3.11 can swallow a cancellation (gh-86296) and leave a closing
+                # subscription hanging. The timeouts are ours (asyncio.timeout) instead.
+                socket_timeout=None,
+                # Retries are ours: redis-py's would re-send without knowing the outcome.
+                retry=Retry(NoBackoff(), 0),
+                max_connections=max_connections,
+                client_name="wirework",
+            )
+        except ValueError as exc:
+            raise ConfigurationError(
+                f"invalid Redis URL {where(url)!r}: {exc}; write redis://host:6379/0"
+            ) from exc
+        # redis-py's pool raises at once when it is exhausted; callers queue here instead.
+        # Two connections stay free: the doorbell's and the prober's.
+        self._slots = asyncio.Semaphore(max(1, max_connections - 2))
+        self.up = asyncio.Event()
+        self.up.set()
+        self.closed = False
+        self._prober: asyncio.Task[None] | None = None
+        self._closing = asyncio.Event()
+
+    async def call(
+        self,
+        script: Script,
+        args: Sequence[str | bytes | int],
+        *,
+        what: str,
+        resend: bool,
+        wait: bool,
+        timeout: float,
+        wait_aof_ms: int | None = None,
+    ) -> Any:
+        """Run ``script`` with ``args`` (ARGV[1] is the key prefix, also its one KEYS entry).
+
+        With ``wait_aof_ms``, ``WAITAOF 1 0`` follows on the same connection (it
+        waits for the writes of the connection it runs on), so the call returns
+        only once the local AOF holds the script's writes on disk.
+
+        Raises:
+            BrokerUnavailableError: the connection is down and (``wait=False``) nothing
+                was sent, or the deadline passed; the message says if the outcome is unknown.
+            BrokerClosedError: the broker was closed meanwhile.
+        """
+        deadline = self.clock.monotonic() + timeout
+        sent = False
+        while True:
+            if self.closed:
+                raise BrokerClosedError(f"the Redis broker on {where(self.url)} is closed")
+            if not self.up.is_set():
+                if not wait and not sent:
+                    raise BrokerUnavailableError(
+                        f"Redis at {where(self.url)} is unreachable (reconnecting); "
+                        f"{what} was not sent: retry later, or use on_disconnect='wait'"
+                    )
+                remaining = deadline - self.clock.monotonic()
+                if remaining <= 0:
+                    raise self._gave_up(what, sent)
+                # Up again may mean down again before we run: the loop looks once more.
+                await self.wait_up(remaining)
+                continue
+            try:
+                async with asyncio.timeout(max(0.0, deadline - self.clock.monotonic())):
+                    await self._slots.acquire()
+            except TimeoutError:
+                if sent:
+                    raise self._gave_up(what, sent) from None
+                raise BrokerBusyError(
+                    f"all connections to Redis at {where(self.url)} stayed busy; {what} was "
+                    f"not sent: slow down, or raise max_connections"
+                ) from None
+            try:
+                try:
+                    with translate(what, self.url):
+                        connection = await self.connection()
+                except BrokerUnavailableError as exc:
+                    self.lost(exc)
+                    if not wait and not sent:
+                        raise
+                    continue
+                sent = True
+                return await self._send(connection, script, args, what, wait_aof_ms)
+            except BrokerUnavailableError as exc:
+                if not sent:
+                    raise
+                self.lost(exc)
+                if not resend:
+                    raise PublishOutcomeUnknownError(
+                        f"{exc}; the outcome of {what} is unknown"
+                    ) from exc.__cause__
+            finally:
+                self._slots.release()
+
+    async def _send(
+        self,
+        connection: Any,
+        script: Script,
+        args: Sequence[str | bytes | int],
+        what: str,
+        wait_aof_ms: int | None,
+    ) -> Any:
+        try:
+            with translate(what, self.url):
+                async with asyncio.timeout(self._command_timeout):
+                    result = await self._run(connection, script, args)
+                if wait_aof_ms is not None:
+                    async with asyncio.timeout(self._command_timeout + wait_aof_ms / 1000):
+                        await connection.send_command("WAITAOF", 1, 0, wait_aof_ms)
+                        local, _replicas = await connection.read_response()
+            if wait_aof_ms is not None and int(local) < 1:
+                raise BrokerError(
+                    f"{what} is in Redis's memory but its AOF fsync was not confirmed "
+                    f"within {wait_aof_ms} ms (wait_aof_timeout); it may or may not survive "
+                    f"a crash of the Redis host"
+                )
+            return result
+        finally:
+            with contextlib.suppress(Exception):
+                await self.pool.release(connection)
+
+    async def connection(self) -> Any:
+        """A connected, clean connection from the pool; release it with ``pool.release``."""
+        async with asyncio.timeout(self._connect_timeout):
+            return await self.pool.get_connection()  # type: ignore[no-untyped-call]
+
+    def _gave_up(self, what: str, sent: bool) -> BrokerUnavailableError:
+        if sent:
+            return PublishOutcomeUnknownError(
+                f"Redis at {where(self.url)} did not come back in time; the outcome of {what} "
+                f"is unknown (it was sent before the connection broke): it may have been stored"
+            )
+        return BrokerUnavailableError(
+            f"Redis at {where(self.url)} did not come back in time; {what} was not sent"
+        )
+
+    @staticmethod
+    async def _run(connection: Any, script: Script, args: Sequence[str | bytes | int]) -> Any:
+        # The prefix is the script's one declared key: it names the hash slot of the namespace.
+        try:
+            await connection.send_command("EVALSHA", script.sha, 1, args[0], *args)
+            return await connection.read_response()
+        except NoScriptError:
+            await connection.send_command("EVAL", script.source, 1, args[0], *args)
+            return await connection.read_response()
+
+    async def command(self, *args: str | bytes | int, what: str) -> Any:
+        """One plain command, sent once (reads, purge); translated errors."""
+        if self.closed:
+            raise BrokerClosedError(f"the Redis broker on {where(self.url)} is closed")
+        with translate(what, self.url):
+            connection = await self.connection()
+            try:
+                async with asyncio.timeout(self._command_timeout):
+                    await connection.send_command(*args)
+                    return await connection.read_response()
+            finally:
+                await self.pool.release(connection)
+
+    async def wait_up(self, timeout: float | None) -> bool:
+        """Wait until the connection is back (True), the broker closes or ``timeout`` passes."""
+        if self.up.is_set():
+            return True
+        if timeout is not None and timeout <= 0:
+            return False
+        waits: set[asyncio.Future[Any]] = {
+            asyncio.ensure_future(self.up.wait()),
+            asyncio.ensure_future(self._closing.wait()),
+        }
+        if timeout is not None:
+            waits.add(asyncio.ensure_future(self.clock.sleep(timeout)))
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
+        return self.up.is_set() and not self.closed
+
+    def lost(self, exc: BaseException) -> None:
+        """Note a broken connection; one prober reconnects with backoff."""
+        if self.closed:
+            return
+        if self.up.is_set():
+            log.warning("lost the connection to Redis at %s: %s", where(self.url), exc)
+        self.up.clear()
+        if self._prober is None or self._prober.done():
+            self._prober = asyncio.get_running_loop().create_task(self._probe())
+
+    async def _probe(self) -> None:
+        backoff = Backoff(*self._backoff)
+        while not self.closed:
+            try:
+                with translate("reconnecting", self.url):
+                    connection = await self.connection()
+                    try:
+                        async with asyncio.timeout(self._command_timeout):
+                            await connection.send_command("PING")
+                            await connection.read_response()
+                    finally:
+                        await self.pool.release(connection)
+            except BrokerError:
+                await self.clock.sleep(backoff.next())
+                continue
+            log.info("reconnected to Redis at %s", where(self.url))
+            self.up.set()
+            return
+
+    async def aclose(self) -> None:
+        self.closed = True
+        self._closing.set()
+        if self._prober is not None:
+            self._prober.cancel()
+            with contextlib.suppress(BaseException):
+                await self._prober
+        with contextlib.suppress(Exception):
+            await self.pool.aclose()
+
+
+class Doorbell:
+    """Wakes local subscriptions of a topic: on pub/sub messages from any process, or
+    directly when this process changed the topic.
+
+    Pub/sub is at-most-once, so the doorbell only shortens waits: every
+    subscription also wakes at its next known due time and at ``poll_interval``.
+    After a reconnect it rings every topic, as messages sent meanwhile were missed.
+    """
+
+    def __init__(self, link: Link, prefix: str) -> None:
+        self._link = link
+        self._prefix = prefix
+        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def channel(self, topic: str) -> str:
+        return f"{self._prefix}w:{topic}"
+
+    def waiter(self, topic: str) -> asyncio.Event:
+        event = asyncio.Event()
+        self._waiters.setdefault(topic, set()).add(event)
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._listen())
+        return event
+
+    def forget(self, topic: str, event: asyncio.Event) -> None:
+        events = self._waiters.get(topic)
+        if events is not None:
+            events.discard(event)
+            if not events:
+                del self._waiters[topic]
+
+    def ring(self, topic: str) -> None:
+        for event in self._waiters.get(topic, ()):
+            event.set()
+
+    def ring_all(self) -> None:
+        for topic in list(self._waiters):
+            self.ring(topic)
+
+    async def _listen(self) -> None:
+        backoff = Backoff(*self._link._backoff)
+        while not self._link.closed:
+            pubsub = PubSub(self._link.pool, ignore_subscribe_messages=True)
+            try:
+                with translate("listening for wake-ups", self._link.url):
+                    held: set[str] = set()
+                    while not self._link.closed:
+                        wanted = {self.channel(topic) for topic in self._waiters}
+                        if held - wanted:
+                            async with asyncio.timeout(self._link._command_timeout):
+                                await pubsub.unsubscribe(*(held - wanted))
+                            held &= wanted
+                        if wanted - held:
+                            first = not held
+                            async with asyncio.timeout(self._link._command_timeout):
+                                await pubsub.subscribe(*(wanted - held))
+                            held |= wanted
+                            if first:
+                                self.ring_all()  # what was sent before we listened was missed
+                        if not held:
+                            await self._link.clock.sleep(_LISTEN_TICK)
+                            continue
+                        message = await pubsub.get_message(timeout=_LISTEN_TICK)
+                        backoff.reset()
+                        if message is not None and message.get("type") == "message":
+                            channel = message["channel"]
+                            name = channel.decode() if isinstance(channel, bytes) else channel
+                            self.ring(name.removeprefix(f"{self._prefix}w:"))
+            except BrokerError as exc:
+                self._link.lost(exc)
+                self.ring_all()
+                await self._link.clock.sleep(backoff.next())
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+        self.ring_all()

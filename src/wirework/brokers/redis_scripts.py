@@ -1,0 +1,607 @@
+"""The Lua scripts of the Redis backend: every state change is one atomic script.
+
+Redis runs a script without interleaving any other command, so each step of
+the contract (publish, fetch, ack, nack, dead-letter, release, replay) sees
+and leaves a consistent state however many consumers and processes race.
+Scripts read before they write wherever a read can fail, because Redis does
+not roll back a script that errors half-way.
+
+Every key starts with ``{namespace}:``; the braces make it a Redis Cluster
+hash tag, so all keys of a namespace share one slot. ``ARGV[1]`` is always that
+prefix. For topic ``T`` and group ``G`` (names never contain ``:``):
+
+============================ ======== =================================================
+key                          type     holds
+============================ ======== =================================================
+``t:T``                      stream   the topic's messages (fields h, b, k, d); one
+                                      consumer group per wirework group
+``td:T``                     zset     ids of messages published with a delay -> due ms
+``tm:T``                     hash     ``added``: messages ever added to the stream
+``topics``                   set      every topic name, for ``stats()``
+``pid:<id>``                 string   a publish already stored (expires): retries dedup
+``g:T:G``                    hash     ``base``/``read`` (unread count), ``parked``
+``r:T:G``                    stream   replayed messages, for this group alone
+``due:T:G``                  zset     waiting copies -> when they may be handed out
+``lease:T:G``                zset     held copies -> when their lease runs out
+``pdue:T:G``                 hash     parked copies that also wait for a delay
+``fail:T:G``                 hash     copy -> first failure ms and last error JSON
+``k:T:G:<key>``              list     the group's unsettled copies of one key, in order
+``ks:T:G``                   set      the keys that have such a list (to delete a group)
+``dlq`` / ``dlqn``           stream   dead letters / hash of counts per "T G"
+============================ ======== =================================================
+
+A *member* names one copy: a stream id of ``t:T``, or ``r`` + an id of
+``r:T:G``. A copy is held (its member in the lease zset, owned by the holding
+consumer in the PEL), waiting (in the due zset, owned by consumer ``-``), or
+parked behind an earlier copy of its key (in neither, owned by ``-``). The
+PEL delivery count is the attempt number: fetch claims with ``XCLAIM``, which
+raises it; parking and giving back use ``JUSTID`` or ``RETRYCOUNT``, which do
+not. A settle names (member, consumer, attempt): if the PEL shows another
+owner or count, the delivery lost its message and the settle changes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Script:
+    """A Lua script and its SHA1, for EVALSHA with a fallback to EVAL."""
+
+    name: str
+    source: str
+    sha: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())  # noqa: S324 - Redis names scripts by SHA1
+
+
+# Shared helpers, prepended to every script. Redis keeps no state between
+# calls, so each script redefines them; the cost is parsing, once per SHA.
+_PRELUDE = r"""
+local P = ARGV[1]
+
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function ctx(T, G)
+  local tg = T .. ':' .. (G or '')
+  return {
+    T = T, G = G,
+    stream = P .. 't:' .. T, td = P .. 'td:' .. T, tm = P .. 'tm:' .. T, wake = P .. 'w:' .. T,
+    rstream = P .. 'r:' .. tg, meta = P .. 'g:' .. tg, due = P .. 'due:' .. tg,
+    lease = P .. 'lease:' .. tg, pdue = P .. 'pdue:' .. tg, fail = P .. 'fail:' .. tg,
+    keys = P .. 'k:' .. tg .. ':', keyset = P .. 'ks:' .. tg,
+  }
+end
+
+local function hash(list)
+  local t = {}
+  for i = 1, #list, 2 do t[list[i]] = list[i + 1] end
+  return t
+end
+
+local function split_id(id)
+  local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+  return tonumber(ms), tonumber(seq)
+end
+
+local function id_less(a, b)
+  local am, as = split_id(a)
+  local bm, bs = split_id(b)
+  return am < bm or (am == bm and as < bs)
+end
+
+local function locate(c, m)
+  if string.sub(m, 1, 1) == 'r' then return c.rstream, string.sub(m, 2) end
+  return c.stream, m
+end
+
+local function member_less(a, b)
+  local _, x = locate({}, a)
+  local _, y = locate({}, b)
+  if x == y then return a < b end
+  return id_less(x, y)
+end
+
+-- 1: the consumer holds this attempt; 0: someone else or a later attempt does; 2: not pending.
+local function holder(c, m, consumer, attempt)
+  local s, id = locate(c, m)
+  local p = redis.pcall('XPENDING', s, c.G, id, id, 1)
+  if type(p) ~= 'table' or p.err or #p == 0 then return 2 end
+  if p[1][2] == consumer and tonumber(p[1][4]) == attempt then return 1 end
+  return 0
+end
+
+local function entry(c, m)
+  local s, id = locate(c, m)
+  local e = redis.call('XRANGE', s, id, id)
+  if #e == 0 then return nil end
+  return hash(e[1][2])
+end
+
+-- Another group still needs this topic entry: it has not read it yet, or holds it pending.
+local function needed_elsewhere(c, id)
+  local groups = redis.pcall('XINFO', 'GROUPS', c.stream)
+  if type(groups) ~= 'table' or groups.err then return false end
+  for _, info in ipairs(groups) do
+    local g = hash(info)
+    if g['name'] ~= c.G then
+      if id_less(g['last-delivered-id'], id) then return true end
+      if #redis.call('XPENDING', c.stream, g['name'], id, id, 1) > 0 then return true end
+    end
+  end
+  return false
+end
+
+local function unpark(c, m, now)
+  redis.call('HINCRBY', c.meta, 'parked', -1)
+  local due = tonumber(redis.call('HGET', c.pdue, m) or '0')
+  redis.call('HDEL', c.pdue, m)
+  redis.call('ZADD', c.due, math.max(now, due), m)
+end
+
+-- The copy leaves the group for good (ack, dead letter); the entry goes once no group needs it,
+-- and the next copy of its key, parked until now, may be handed out. Returns whether it woke one.
+local function remove(c, m, f, now)
+  local s, id = locate(c, m)
+  redis.call('XACK', s, c.G, id)
+  if s == c.rstream then
+    redis.call('XDEL', s, id)
+  elseif not needed_elsewhere(c, id) then
+    redis.call('XDEL', s, id)
+    redis.call('ZREM', c.td, id)
+  end
+  redis.call('ZREM', c.lease, m)
+  redis.call('ZREM', c.due, m)
+  redis.call('HDEL', c.fail, m)
+  if f and f['k'] then
+    local list = c.keys .. f['k']
+    local was_head = redis.call('LINDEX', list, 0) == m
+    redis.call('LREM', list, 1, m)
+    if redis.call('LLEN', list) == 0 then redis.call('SREM', c.keyset, f['k']) end
+    if was_head then
+      local nxt = redis.call('LINDEX', list, 0)
+      if nxt then
+        unpark(c, nxt, now)
+        return true
+      end
+    end
+  end
+  return false
+end
+
+-- Create the group if it is new, at 'earliest' (all the stream keeps) or 'latest'.
+local function create_group(c, start)
+  local from = '$'
+  if start == 'earliest' then from = '0' end
+  local made = redis.pcall('XGROUP', 'CREATE', c.stream, c.G, from, 'MKSTREAM')
+  redis.call('SADD', P .. 'topics', c.T)
+  if type(made) == 'table' and made.err then
+    if string.find(made.err, 'BUSYGROUP', 1, true) then return false end
+    return error(made.err)
+  end
+  local added = tonumber(redis.call('HGET', c.tm, 'added') or '0')
+  local base = added
+  if start == 'earliest' then
+    base = added - redis.call('XLEN', c.stream)
+  elseif #redis.call('XINFO', 'GROUPS', c.stream) == 1 then
+    -- Kept only because no group existed yet: not this group's to read, and nobody else's.
+    redis.call('XTRIM', c.stream, 'MAXLEN', 0)
+    redis.call('DEL', c.td)
+  end
+  redis.call('HSET', c.meta, 'base', base, 'read', 0, 'parked', 0)
+  return true
+end
+
+-- Queue a copy behind the group's earlier copies of its key; true if it is the head.
+local function enqueue(c, key, m)
+  local head = redis.call('RPUSH', c.keys .. key, m) == 1
+  if head then redis.call('SADD', c.keyset, key) end
+  return head
+end
+
+local function forget_consumer(c, consumer)
+  for _, s in ipairs({c.stream, c.rstream}) do
+    local p = redis.pcall('XPENDING', s, c.G, '-', '+', 1, consumer)
+    if type(p) == 'table' and not p.err and #p == 0 then
+      redis.pcall('XGROUP', 'DELCONSUMER', s, c.G, consumer)
+    end
+  end
+end
+"""
+
+_PUBLISH = r"""
+-- ARGV: prefix, topic, headers, body, has_key, key, delay_ms, publish_id, dedup_ttl_ms, max_length
+local c = ctx(ARGV[2])
+local pid_key = P .. 'pid:' .. ARGV[8]
+if redis.call('EXISTS', pid_key) == 1 then
+  -- Stored by an earlier attempt. A write all the same, so WAITAOF on this connection
+  -- covers it, and the AOF (written in order) then holds the earlier attempt too.
+  redis.call('PEXPIRE', pid_key, ARGV[9])
+  return 2
+end
+local max_length = tonumber(ARGV[10])
+if max_length > 0 and redis.call('XLEN', c.stream) >= max_length then return 3 end
+local now = now_ms()
+local fields = {'h', ARGV[3], 'b', ARGV[4]}
+if ARGV[5] == '1' then
+  fields[#fields + 1] = 'k'
+  fields[#fields + 1] = ARGV[6]
+end
+local delay = tonumber(ARGV[7])
+local due = 0
+if delay > 0 then
+  due = now + delay
+  fields[#fields + 1] = 'd'
+  fields[#fields + 1] = due
+end
+local id = redis.call('XADD', c.stream, '*', unpack(fields))
+if due > 0 then
+  redis.call('ZREMRANGEBYSCORE', c.td, '-inf', now)
+  redis.call('ZADD', c.td, due, id)
+end
+redis.call('HINCRBY', c.tm, 'added', 1)
+redis.call('SADD', P .. 'topics', ARGV[2])
+redis.call('SET', pid_key, '1', 'PX', ARGV[9])
+redis.call('PUBLISH', c.wake, '')
+return 1
+"""
+
+_JOIN = r"""
+-- ARGV: prefix, topic, group, start ('earliest' | 'latest')
+local c = ctx(ARGV[2], ARGV[3])
+create_group(c, ARGV[4])
+-- Consumers that hold nothing are only names; crashed subscriptions leave them behind.
+for _, s in ipairs({c.stream, c.rstream}) do
+  local consumers = redis.pcall('XINFO', 'CONSUMERS', s, c.G)
+  if type(consumers) == 'table' and not consumers.err then
+    for _, info in ipairs(consumers) do
+      local one = hash(info)
+      if one['name'] ~= '-' and tonumber(one['pending']) == 0 then
+        redis.call('XGROUP', 'DELCONSUMER', s, c.G, one['name'])
+      end
+    end
+  end
+end
+return 1
+"""
+
+_FETCH = r"""
+-- ARGV: prefix, topic, group, consumer, free, lease_ms, scan_limit
+-- Returns {next_ms, more, member, attempt, first_failure, headers, body, has_key, key, ...}.
+local c = ctx(ARGV[2], ARGV[3])
+local consumer = ARGV[4]
+local free, lease_ms, scan_limit = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local now = now_ms()
+local out = {0, 0}
+local taken = 0
+
+local function emit(m, attempt, f)
+  local fail = redis.call('HGET', c.fail, m) or ''
+  local first = string.match(fail, '^(%d+)') or ''
+  local k = f['k']
+  out[#out + 1] = m
+  out[#out + 1] = attempt
+  out[#out + 1] = first
+  out[#out + 1] = f['h'] or '{}'
+  out[#out + 1] = f['b'] or ''
+  out[#out + 1] = k and '1' or '0'
+  out[#out + 1] = k or ''
+  taken = taken + 1
+end
+
+-- Copies that wait no longer (nacked, handed back, due) and leases that ran out, oldest first.
+local ready = redis.call('ZRANGEBYSCORE', c.due, '-inf', now, 'LIMIT', 0, free)
+for _, m in ipairs(redis.call('ZRANGEBYSCORE', c.lease, '-inf', now, 'LIMIT', 0, free)) do
+  ready[#ready + 1] = m
+end
+table.sort(ready, member_less)
+for i = 1, math.min(#ready, free) do
+  local m = ready[i]
+  local s, id = locate(c, m)
+  local claimed = redis.pcall('XCLAIM', s, c.G, consumer, 0, id)
+  redis.call('ZREM', c.due, m)
+  if claimed.err or #claimed == 0 or not claimed[1] or not claimed[1][2] then
+    -- The entry (or a replay stream's group) is gone: nothing is left to hand out.
+    redis.call('ZREM', c.lease, m)
+  else
+    redis.call('ZADD', c.lease, now + lease_ms, m)
+    local p = redis.call('XPENDING', s, c.G, id, id, 1)
+    emit(m, tonumber(p[1][4]), hash(claimed[1][2]))
+  end
+end
+
+-- New messages, in stream order: handed out, or parked behind their key or their delay.
+local scanned = 0
+while taken < free do
+  if scanned >= scan_limit then
+    out[2] = 1
+    break
+  end
+  local want = math.min(free - taken, scan_limit - scanned)
+  local got = redis.call(
+    'XREADGROUP', 'GROUP', c.G, consumer, 'COUNT', want, 'STREAMS', c.stream, '>')
+  if not got or #got == 0 or #got[1][2] == 0 then break end
+  local entries = got[1][2]
+  redis.call('HINCRBY', c.meta, 'read', #entries)
+  for _, e in ipairs(entries) do
+    scanned = scanned + 1
+    local id, f = e[1], hash(e[2])
+    local due = tonumber(f['d'] or '0')
+    local later = due > now
+    local head = true
+    if f['k'] then head = enqueue(c, f['k'], id) end
+    if head and not later then
+      redis.call('ZADD', c.lease, now + lease_ms, id)
+      emit(id, 1, f)
+    else
+      redis.call('XCLAIM', c.stream, c.G, '-', 0, id, 'RETRYCOUNT', 0, 'JUSTID')
+      if head then
+        redis.call('ZADD', c.due, due, id)
+      else
+        redis.call('HINCRBY', c.meta, 'parked', 1)
+        if later then redis.call('HSET', c.pdue, id, due) end
+      end
+    end
+  end
+end
+
+-- When the next waiting copy falls due or lease runs out, so an idle consumer can sleep till then.
+local nxt = -1
+for _, z in ipairs({c.due, c.lease}) do
+  local first = redis.call('ZRANGEBYSCORE', z, '(' .. now, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+  if #first > 0 then
+    local wait = tonumber(first[2]) - now
+    if nxt < 0 or wait < nxt then nxt = wait end
+  end
+end
+out[1] = nxt
+return out
+"""
+
+_ACK = r"""
+-- ARGV: prefix, topic, group, consumer, member, attempt
+local c = ctx(ARGV[2], ARGV[3])
+local m = ARGV[5]
+local state = holder(c, m, ARGV[4], tonumber(ARGV[6]))
+if state ~= 1 then return state end
+if remove(c, m, entry(c, m), now_ms()) then redis.call('PUBLISH', c.wake, '') end
+return 1
+"""
+
+_NACK = r"""
+-- ARGV: prefix, topic, group, consumer, member, attempt, delay_ms, error_json ('' = none)
+local c = ctx(ARGV[2], ARGV[3])
+local m = ARGV[5]
+local state = holder(c, m, ARGV[4], tonumber(ARGV[6]))
+if state ~= 1 then return state end
+local now = now_ms()
+local s, id = locate(c, m)
+redis.call('XCLAIM', s, c.G, '-', 0, id, 'JUSTID')
+redis.call('ZREM', c.lease, m)
+redis.call('ZADD', c.due, now + tonumber(ARGV[7]), m)
+if ARGV[8] ~= '' then
+  local fail = redis.call('HGET', c.fail, m) or ''
+  local first = string.match(fail, '^(%d+)') or tostring(now)
+  redis.call('HSET', c.fail, m, first .. '\n' .. ARGV[8])
+end
+redis.call('PUBLISH', c.wake, '')
+return 1
+"""
+
+_DEAD_LETTER = r"""
+-- ARGV: prefix, topic, group, consumer, member, attempt, reason, error_json ('' = none)
+local c = ctx(ARGV[2], ARGV[3])
+local m = ARGV[5]
+local attempt = tonumber(ARGV[6])
+local state = holder(c, m, ARGV[4], attempt)
+if state ~= 1 then return state end
+local now = now_ms()
+local f = entry(c, m) or {}
+local fail = redis.call('HGET', c.fail, m) or ''
+local first, last_error = string.match(fail, '^(%d+)\n(.*)$')
+local err = ARGV[8]
+if err == '' then err = last_error or '' end
+local record = {
+  't', c.T, 'g', c.G, 'r', ARGV[7], 'a', attempt, 'f', first or now, 'l', now,
+  'e', err, 'h', f['h'] or '{}', 'b', f['b'] or '',
+}
+if f['k'] then
+  record[#record + 1] = 'k'
+  record[#record + 1] = f['k']
+end
+redis.call('XADD', P .. 'dlq', '*', unpack(record))
+redis.call('HINCRBY', P .. 'dlqn', c.T .. ' ' .. c.G, 1)
+if remove(c, m, f, now) then redis.call('PUBLISH', c.wake, '') end
+return 1
+"""
+
+_RELEASE = r"""
+-- ARGV: prefix, topic, group, consumer, then (member, attempt, restore) triples.
+-- Hands held copies back at once; restore '1' undoes the count of one never handed to code.
+local c = ctx(ARGV[2], ARGV[3])
+local consumer = ARGV[4]
+local now = now_ms()
+local moved = 0
+for i = 5, #ARGV, 3 do
+  local m, attempt = ARGV[i], tonumber(ARGV[i + 1])
+  if holder(c, m, consumer, attempt) == 1 then
+    local count = attempt
+    if ARGV[i + 2] == '1' then count = attempt - 1 end
+    local s, id = locate(c, m)
+    redis.call('XCLAIM', s, c.G, '-', 0, id, 'RETRYCOUNT', count, 'JUSTID')
+    redis.call('ZREM', c.lease, m)
+    redis.call('ZADD', c.due, now, m)
+    moved = moved + 1
+  end
+end
+if moved > 0 then redis.call('PUBLISH', c.wake, '') end
+forget_consumer(c, consumer)
+return moved
+"""
+
+_REPLAY = r"""
+-- ARGV: prefix, dead-letter ids... Returns {1, moved} or {0, unknown_id} (then nothing moved).
+local dlq = P .. 'dlq'
+local records = {}
+for i = 2, #ARGV do
+  local e = redis.call('XRANGE', dlq, ARGV[i], ARGV[i])
+  if #e == 0 then return {0, ARGV[i]} end
+  records[#records + 1] = {ARGV[i], hash(e[1][2])}
+end
+local now = now_ms()
+for _, rec in ipairs(records) do
+  local id, f = rec[1], rec[2]
+  local c = ctx(f['t'], f['g'])
+  create_group(c, 'latest')
+  redis.pcall('XGROUP', 'CREATE', c.rstream, c.G, '0', 'MKSTREAM')
+  local fields = {'h', f['h'], 'b', f['b']}
+  if f['k'] then
+    fields[#fields + 1] = 'k'
+    fields[#fields + 1] = f['k']
+  end
+  local rid = redis.call('XADD', c.rstream, '*', unpack(fields))
+  redis.call('XCLAIM', c.rstream, c.G, '-', 0, rid, 'FORCE', 'RETRYCOUNT', 0, 'JUSTID')
+  local m = 'r' .. rid
+  local head = true
+  if f['k'] then head = enqueue(c, f['k'], m) end
+  if head then
+    redis.call('ZADD', c.due, now, m)
+  else
+    redis.call('HINCRBY', c.meta, 'parked', 1)
+  end
+  redis.call('XDEL', dlq, id)
+  redis.call('HINCRBY', P .. 'dlqn', c.T .. ' ' .. c.G, -1)
+  redis.call('PUBLISH', c.wake, '')
+end
+return {1, #records}
+"""
+
+_DELETE_GROUP = r"""
+-- ARGV: prefix, topic, group. Forgets the group, and the topic with its last group;
+-- entries only this group still needed go. Its dead letters stay for inspection.
+local c = ctx(ARGV[2], ARGV[3])
+local groups = redis.pcall('XINFO', 'GROUPS', c.stream)
+if type(groups) ~= 'table' or groups.err then groups = {} end
+local mine, upto, others = nil, nil, 0
+for _, info in ipairs(groups) do
+  local g = hash(info)
+  if g['name'] == c.G then
+    mine = g
+  else
+    others = others + 1
+    if upto == nil or id_less(g['last-delivered-id'], upto) then upto = g['last-delivered-id'] end
+  end
+end
+local deleted = 0
+if mine then
+  local held = {}
+  local start = '-'
+  while true do
+    local page = redis.call('XPENDING', c.stream, c.G, start, '+', 1000)
+    for _, p in ipairs(page) do held[#held + 1] = p[1] end
+    if #page < 1000 then break end
+    start = '(' .. page[#page][1]
+  end
+  redis.call('XGROUP', 'DESTROY', c.stream, c.G)
+  if others == 0 then
+    redis.call('DEL', c.stream, c.td, c.tm)
+    redis.call('SREM', P .. 'topics', c.T)
+  else
+    local function drop(id)
+      if not needed_elsewhere(c, id) then
+        redis.call('XDEL', c.stream, id)
+        redis.call('ZREM', c.td, id)
+      end
+    end
+    for _, id in ipairs(held) do drop(id) end
+    -- What this group had not read yet and every other group has: nobody needs it now.
+    local from = '(' .. mine['last-delivered-id']
+    while id_less(mine['last-delivered-id'], upto) do
+      local page = redis.call('XRANGE', c.stream, from, upto, 'COUNT', 1000)
+      for _, e in ipairs(page) do drop(e[1]) end
+      if #page < 1000 then break end
+      from = '(' .. page[#page][1]
+    end
+  end
+  deleted = 1
+end
+for _, key in ipairs(redis.call('SMEMBERS', c.keyset)) do redis.call('DEL', c.keys .. key) end
+redis.call('DEL', c.keyset, c.meta, c.rstream, c.due, c.lease, c.pdue, c.fail)
+return deleted
+"""
+
+_STATS = r"""
+-- ARGV: prefix. Returns rows {topic, group ('' = none), ready, delayed, in_flight, dead_lettered}.
+local now = now_ms()
+local rows = {}
+local dead = hash(redis.call('HGETALL', P .. 'dlqn'))
+for _, T in ipairs(redis.call('SMEMBERS', P .. 'topics')) do
+  local c = ctx(T)
+  redis.call('ZREMRANGEBYSCORE', c.td, '-inf', now)
+  local later = redis.call('ZRANGEBYSCORE', c.td, '(' .. now, '+inf')
+  local groups = redis.pcall('XINFO', 'GROUPS', c.stream)
+  if type(groups) ~= 'table' or groups.err then groups = {} end
+  if #groups == 0 then
+    local length = redis.call('XLEN', c.stream)
+    rows[#rows + 1] = {T, '', length - #later, #later, 0, 0}
+  end
+  local added = tonumber(redis.call('HGET', c.tm, 'added') or '0')
+  for _, info in ipairs(groups) do
+    local i = hash(info)
+    local g = ctx(T, i['name'])
+    local meta = hash(redis.call('HGETALL', g.meta))
+    local unread = added - tonumber(meta['base'] or added) - tonumber(meta['read'] or '0')
+    unread = math.max(0, unread)
+    local unread_later = 0
+    for _, id in ipairs(later) do
+      if id_less(i['last-delivered-id'], id) then unread_later = unread_later + 1 end
+    end
+    unread_later = math.min(unread, unread_later)
+    local parked_later = 0
+    for _, due in ipairs(redis.call('HVALS', g.pdue)) do
+      if tonumber(due) > now then parked_later = parked_later + 1 end
+    end
+    local parked = math.max(0, tonumber(meta['parked'] or '0'))
+    local in_flight = redis.call('ZCOUNT', g.lease, '(' .. now, '+inf')
+    local expired = redis.call('ZCOUNT', g.lease, '-inf', now)
+    local due_now = redis.call('ZCOUNT', g.due, '-inf', now)
+    local due_later = redis.call('ZCOUNT', g.due, '(' .. now, '+inf')
+    rows[#rows + 1] = {
+      T, g.G,
+      due_now + expired + (parked - parked_later) + (unread - unread_later),
+      due_later + parked_later + unread_later,
+      in_flight,
+      tonumber(dead[T .. ' ' .. g.G] or '0'),
+    }
+  end
+end
+return rows
+"""
+
+
+def _script(name: str, body: str) -> Script:
+    return Script(name, _PRELUDE + body)
+
+
+PUBLISH = _script("publish", _PUBLISH)
+JOIN = _script("join", _JOIN)
+FETCH = _script("fetch", _FETCH)
+ACK = _script("ack", _ACK)
+NACK = _script("nack", _NACK)
+DEAD_LETTER = _script("dead_letter", _DEAD_LETTER)
+RELEASE = _script("release", _RELEASE)
+REPLAY = _script("replay", _REPLAY)
+STATS = _script("stats", _STATS)
+DELETE_GROUP = _script("delete_group", _DELETE_GROUP)
+
+#: What a settle script answers.
+SETTLED, STALE, GONE = 1, 0, 2
+
+#: What the publish script answers besides SETTLED (stored now).
+DUPLICATE, FULL = 2, 3

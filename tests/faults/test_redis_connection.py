@@ -1,0 +1,383 @@
+"""Connection loss on the Redis Streams backend, judged by what the clients observed.
+
+Each test runs publishers and a consumer through a fault (RELIABILITY.md §2.0,
+shortened) and then a heal-and-drain phase, and counts from its own ledger,
+never from the broker's metrics: nothing ``publish`` reported as stored is
+lost, nothing reported as a definite failure shows up, and the subscription
+resumes by itself. The faults: every connection cut through the TCP fault
+proxy with the server unreachable for a while (``on_disconnect`` ``fail`` and
+``wait``), and a private redis-server killed with SIGKILL and started again on
+its append-only file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import pytest
+
+from tests.helpers.fault_proxy import FaultProxy
+from wirework.brokers.base import Subscription
+from wirework.brokers.redis import RedisBroker, RedisSettings, purge_namespace
+from wirework.envelope import WireMessage
+from wirework.errors import BrokerBusyError, BrokerError, BrokerUnavailableError, ConfigurationError
+
+pytestmark = [pytest.mark.fault, pytest.mark.ext]
+
+SHARED = ("127.0.0.1", 6379)
+SHARED_URL = "redis://127.0.0.1:6379/0"
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+TOPIC = "ledger"
+LEASE = 1.0
+OUTAGE = 1.5
+DRAIN_TIMEOUT = 30.0
+
+
+def require_service(name: str, host: str, port: int) -> None:
+    """Skip (locally) or fail (``WIREWORK_REQUIRE_SERVICES=1``) unless ``host:port`` answers."""
+    try:
+        with socket.create_connection((host, port), timeout=1.0):
+            return
+    except OSError as exc:
+        reason = f"{name} does not answer on {host}:{port} ({exc}); see shared/services.md"
+        if os.environ.get("WIREWORK_REQUIRE_SERVICES") == "1":
+            pytest.fail(f"{reason}; WIREWORK_REQUIRE_SERVICES=1 needs it", pytrace=False)
+        pytest.skip(reason)
+
+
+@dataclass
+class Ledger:
+    """What the test saw: each publish's outcome and how long it took, each id consumed."""
+
+    invoked: set[str] = field(default_factory=set)
+    ok: set[str] = field(default_factory=set)
+    fail: dict[str, float] = field(default_factory=dict)
+    info: dict[str, str] = field(default_factory=dict)
+    slowest_ok: float = 0.0
+    consumed: dict[str, int] = field(default_factory=dict)
+    acked: set[str] = field(default_factory=set)
+
+    def counts(self) -> dict[str, int]:
+        seen = set(self.consumed)
+        # An invocation without an outcome was in flight when the publishers stopped.
+        unknown = self.invoked - self.ok - set(self.fail)
+        return {
+            "attempted": len(self.invoked),
+            "acked_publishes": len(self.ok),
+            "failed": len(self.fail),
+            "unknown_outcome_errors": len(self.info),
+            "cut_short": len(unknown - set(self.info)),
+            "lost": len(self.ok - seen),
+            "failed_but_present": len(set(self.fail) & seen),
+            "unexpected": len(seen - self.invoked),
+            "recovered": len(unknown & seen),
+            "redeliveries": sum(self.consumed.values()) - len(seen),
+        }
+
+
+async def wait_until(
+    predicate: Callable[[], bool | Awaitable[bool]], timeout: float, *, what: str
+) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        outcome = predicate()
+        if not isinstance(outcome, bool):
+            outcome = await outcome
+        if outcome:
+            return
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what}: not within {timeout} s")
+        await asyncio.sleep(0.02)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def broker(url: str, namespace: str, mode: Literal["fail", "wait"]) -> RedisBroker:
+    return RedisBroker(
+        url,
+        settings=RedisSettings(
+            namespace=namespace,
+            on_disconnect=mode,
+            publish_timeout=8.0,
+            connect_timeout=0.5,
+            command_timeout=2.0,
+            reconnect_initial_backoff=0.02,
+            reconnect_max_backoff=0.25,
+            poll_interval=0.5,
+        ),
+    )
+
+
+async def publish_forever(publisher: RedisBroker, ledger: Ledger, name: str) -> None:
+    """Publish ids ``<name>-<n>`` one after another, recording each outcome."""
+    for n in range(1_000_000):
+        message_id = f"{name}-{n}"
+        began = time.monotonic()
+        ledger.invoked.add(message_id)
+        try:
+            await publisher.publish(TOPIC, WireMessage(headers={"ce-id": message_id}, body=b"{}"))
+        except (BrokerUnavailableError, BrokerBusyError) as exc:
+            if "outcome" in str(exc) and "unknown" in str(exc):
+                ledger.info[message_id] = str(exc)
+            else:
+                ledger.fail[message_id] = time.monotonic() - began
+            await asyncio.sleep(0.01)
+        else:
+            ledger.ok.add(message_id)
+            ledger.slowest_ok = max(ledger.slowest_ok, time.monotonic() - began)
+        await asyncio.sleep(0.002)
+
+
+async def consume_forever(consumer: RedisBroker, ledger: Ledger) -> None:
+    """Take every delivery, note its id, ack it; a failed ack brings the message back later."""
+    subscription = Subscription(topic=TOPIC, group="ledger", lease_timeout=LEASE, prefetch=20)
+    async for delivery in consumer.subscribe(subscription):
+        message_id = delivery.message.headers["ce-id"]
+        ledger.consumed[message_id] = ledger.consumed.get(message_id, 0) + 1
+        with contextlib.suppress(BrokerError):
+            await delivery.ack()
+            ledger.acked.add(message_id)
+
+
+class Workload:
+    """A consumer and two publishers; the publishers stop first, the consumer drains."""
+
+    def __init__(self, publisher: RedisBroker, consumer: RedisBroker, ledger: Ledger) -> None:
+        self.publisher = publisher
+        self.consumer = consumer
+        self.ledger = ledger
+        self._tasks: asyncio.TaskGroup | None = None
+        self._publishing: list[asyncio.Task[None]] = []
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Workload]:
+        await self.consumer.declare_group(Subscription(topic=TOPIC, group="ledger"))
+        async with asyncio.TaskGroup() as tasks:
+            consuming = tasks.create_task(consume_forever(self.consumer, self.ledger))
+            self._publishing = [
+                tasks.create_task(publish_forever(self.publisher, self.ledger, name))
+                for name in ("p0", "p1")
+            ]
+            self._tasks = tasks
+            try:
+                yield self
+            finally:
+                for task in [*self._publishing, consuming]:
+                    task.cancel()
+
+    def add_publisher(self, name: str) -> None:
+        """Another publisher, started now (say, during an outage)."""
+        assert self._tasks is not None
+        task = self._tasks.create_task(publish_forever(self.publisher, self.ledger, name))
+        self._publishing.append(task)
+
+    async def stop_publishing_and_drain(self) -> None:
+        """The final phase: every publish that returned is consumed, and the backlog empties."""
+        for task in self._publishing:
+            task.cancel()
+        await asyncio.wait(self._publishing)
+        ledger = self.ledger
+        await wait_until(
+            lambda: ledger.ok <= set(ledger.consumed),
+            DRAIN_TIMEOUT,
+            what=f"drain: {len(ledger.ok - set(ledger.consumed))} acked publishes not consumed",
+        )
+
+        async def empty() -> bool:
+            rows = [
+                row
+                for row in await self.consumer.stats()
+                if row.topic == TOPIC and row.group == "ledger"
+            ]
+            return bool(rows) and rows[0].backlog == 0
+
+        await wait_until(empty, DRAIN_TIMEOUT, what="the group's backlog back to 0")
+
+
+def report(name: str, ledger: Ledger) -> dict[str, int]:
+    counts = ledger.counts()
+    print(f"{name}: {counts}, slowest ok publish {ledger.slowest_ok:.2f}s")
+    return counts
+
+
+@pytest.fixture
+async def namespace() -> AsyncIterator[str]:
+    """A namespace of the shared server's, purged afterwards."""
+    require_service("Redis", *SHARED)
+    name = f"wwfault-{uuid.uuid4().hex[:12]}"
+    try:
+        yield name
+    finally:
+        await purge_namespace(SHARED_URL, name)
+
+
+@pytest.mark.parametrize("mode", ["fail", "wait"])
+async def test_cut_connections_lose_nothing_and_resume(
+    namespace: str, mode: Literal["fail", "wait"]
+) -> None:
+    """With every connection reset and Redis unreachable for 1.5 s, 'fail' publishes fail at
+    once and store nothing, 'wait' publishes wait it out, and the consumer resumes by itself."""
+    ledger = Ledger()
+    async with FaultProxy(*SHARED) as proxy:
+        url = f"redis://127.0.0.1:{proxy.port}/0"
+        publisher, consumer = broker(url, namespace, mode), broker(url, namespace, mode)
+        try:
+            async with Workload(publisher, consumer, ledger).running() as work:
+                await wait_until(lambda: len(ledger.consumed) >= 100, 20, what="warm-up")
+                proxy.upstream = ("127.0.0.1", free_port())  # nothing listens: refused
+                proxy.cut()
+                cut_at = time.monotonic()
+                work.add_publisher("during-outage")  # the two others are mid-send, re-sending
+                ok_before_heal = len(ledger.ok)
+                await asyncio.sleep(OUTAGE)  # the outage itself is the fault being injected
+                proxy.upstream = SHARED
+                healed_at = time.monotonic()
+                await wait_until(
+                    lambda: len(ledger.ok) >= ok_before_heal + 200, 20, what="publishing again"
+                )
+                consumed_after_heal = len(ledger.consumed)
+                await wait_until(
+                    lambda: len(ledger.consumed) >= consumed_after_heal + 50,
+                    20,
+                    what="the subscription resuming by itself",
+                )
+                await work.stop_publishing_and_drain()
+        finally:
+            await publisher.aclose()
+            await consumer.aclose()
+    counts = report(f"cut ({mode})", ledger)
+    assert counts["lost"] == 0, counts
+    assert counts["failed_but_present"] == 0, counts
+    assert counts["unexpected"] == 0, counts
+    # The outage is shorter than publish_timeout: every publish on the wire at the cut was
+    # re-sent under its dedup id and resolved.
+    assert counts["unknown_outcome_errors"] == 0, ledger.info
+    if mode == "fail":
+        assert counts["failed"] > 0, "no publish failed during the outage"
+        slowest_fail = max(ledger.fail.values())
+        assert slowest_fail < 0.5, f"a failing publish took {slowest_fail:.2f}s, not 'at once'"
+    else:
+        assert counts["failed"] == 0, counts
+        assert ledger.slowest_ok >= OUTAGE * 0.5, "no publish waited for the reconnect"
+    print(f"outage {healed_at - cut_at:.2f}s")
+
+
+class PrivateRedis:
+    """A redis-server of this test alone, on a free port, persisting to an append-only file."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def start(self) -> None:
+        self.process = subprocess.Popen(  # noqa: ASYNC220 - returns at once; the wait is async
+            [
+                REDIS_SERVER,
+                "--port", str(self.port),
+                "--bind", "127.0.0.1",
+                "--save", "",
+                "--appendonly", "yes",
+                "--appendfsync", "always",
+                "--dir", str(self.directory),
+                "--logfile", str(self.directory / "redis.log"),
+            ],
+        )  # fmt: skip
+        await wait_until(self._answers, 10, what=f"redis-server on port {self.port} answering")
+
+    def _answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as probe:
+                probe.sendall(b"PING\r\n")
+                return probe.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    async def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            await asyncio.to_thread(self.process.wait, 10)
+            self.process = None
+
+
+@pytest.fixture
+async def private_redis(tmp_path: Path) -> AsyncIterator[PrivateRedis]:
+    server = PrivateRedis(tmp_path)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.kill()
+
+
+async def test_server_killed_and_restarted_loses_nothing(private_redis: PrivateRedis) -> None:
+    """SIGKILL of a private redis-server with appendfsync always, then a restart on its AOF:
+    every acknowledged publish is consumed, definite failures never appear, and publisher
+    and subscription carry on by themselves."""
+    ledger = Ledger()
+    publisher = broker(private_redis.url, "restart", "fail")
+    consumer = broker(private_redis.url, "restart", "fail")
+    try:
+        async with Workload(publisher, consumer, ledger).running() as work:
+            await wait_until(lambda: len(ledger.consumed) >= 100, 20, what="warm-up")
+            await private_redis.kill()
+            work.add_publisher("during-outage")  # the two others are mid-send, re-sending
+            failed_before = len(ledger.fail)
+            await wait_until(
+                lambda: len(ledger.fail) >= failed_before + 10, 10, what="publishes failing"
+            )
+            await private_redis.start()
+            ok_after = len(ledger.ok)
+            await wait_until(lambda: len(ledger.ok) >= ok_after + 200, 20, what="publishing again")
+            consumed_after = len(ledger.consumed)
+            await wait_until(
+                lambda: len(ledger.consumed) >= consumed_after + 50,
+                20,
+                what="the subscription resuming by itself",
+            )
+            await work.stop_publishing_and_drain()
+    finally:
+        await publisher.aclose()
+        await consumer.aclose()
+    counts = report("restart", ledger)
+    assert counts["unknown_outcome_errors"] == 0, ledger.info
+    assert counts["lost"] == 0, counts
+    assert counts["failed_but_present"] == 0, counts
+    assert counts["unexpected"] == 0, counts
+    assert counts["failed"] > 0, counts
+
+
+async def test_wait_aof_is_refused_before_redis_7_2(namespace: str) -> None:
+    """wait_aof needs WAITAOF (Redis 7.2+): on an older server publish says so and stores
+    nothing, instead of storing and then failing."""
+    strict = RedisBroker(SHARED_URL, settings=RedisSettings(namespace=namespace, wait_aof=True))
+    try:
+        info = await strict._link.command("INFO", "server", what="reading the version")
+        version = info.decode().split("redis_version:", 1)[1].split("\r\n", 1)[0]
+        if tuple(int(part) for part in version.split(".")[:2]) >= (7, 2):
+            pytest.skip(f"the shared server runs {version}, which has WAITAOF")
+        with pytest.raises(ConfigurationError, match=r"7\.2"):
+            await strict.publish(TOPIC, WireMessage(headers={"ce-id": "x"}, body=b"{}"))
+        assert not [row for row in await strict.stats() if row.topic == TOPIC]
+    finally:
+        await strict.aclose()
