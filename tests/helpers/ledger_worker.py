@@ -44,6 +44,7 @@ from wirework.errors import (
     BrokerUnavailableError,
     ConfigurationError,
     MessageTooLargeError,
+    PublishOutcomeUnknownError,
     QueueFullError,
 )
 from wirework.testing.ledger import SUFFIX, LedgerFile
@@ -52,7 +53,8 @@ TOPIC = "ledger"
 GROUP = "ledger-group"
 ITEM_TYPE = "wirework.ledger.item"
 
-#: Errors after which the contract says nothing was stored: a definite ``fail``.
+#: Errors after which the contract says nothing was stored: a definite ``fail``
+#: (``PublishOutcomeUnknownError``, a BrokerUnavailableError, is caught first as ``info``).
 DEFINITE_ERRORS = (
     BrokerBusyError,
     BrokerUnavailableError,
@@ -107,6 +109,9 @@ async def publish(args: argparse.Namespace) -> int:
                 began = time.monotonic()
                 try:
                     await broker.publish(TOPIC, item(message_id))
+                except PublishOutcomeUnknownError as exc:  # sent, then the link broke
+                    took = time.monotonic() - began
+                    ledger.record("info", message_id, dt=f"{took:.6f}", error=type(exc).__name__)
                 except DEFINITE_ERRORS as exc:
                     took = time.monotonic() - began
                     ledger.record("fail", message_id, dt=f"{took:.6f}", error=type(exc).__name__)

@@ -1,0 +1,424 @@
+"""One NATS connection for the JetStream backend: connect, reconnect, requests, errors.
+
+nats-py reconnects by itself (and re-subscribes); this wraps it so that:
+
+* reconnection waits grow exponentially with jitter (``reconnect_initial_backoff``
+  up to ``reconnect_max_backoff``) instead of nats-py's fixed wait;
+* nothing is buffered while disconnected (``pending_size=0``): a call during an
+  outage fails at once and can never be sent later behind the caller's back, which
+  is what lets a failed publish be a *definite* failure;
+* a request in flight when the connection drops ends at once (``Lost``) instead of
+  waiting out its timeout;
+* every client-library error is translated at this boundary, in ``translate``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
+
+import nats.errors
+from nats.aio.client import Client, Server
+from nats.aio.msg import Msg
+
+from wirework.errors import BrokerClosedError, BrokerError, BrokerUnavailableError, WireworkError
+
+if TYPE_CHECKING:
+    from wirework.brokers.nats import NatsSettings
+
+log = logging.getLogger("wirework.brokers.nats")
+
+
+class NotSent(Exception):
+    """The connection was down: nothing left this process (a definite failure)."""
+
+
+class Lost(Exception):
+    """The connection dropped while a request was in flight: its outcome is unknown."""
+
+
+class Refused(BrokerError):
+    """JetStream answered a request with an error (``err_code`` as the server numbers it)."""
+
+    def __init__(self, what: str, error: Mapping[str, Any]) -> None:
+        self.code = int(error.get("code") or 0)
+        self.err_code = int(error.get("err_code") or 0)
+        self.description = str(error.get("description") or "")
+        super().__init__(
+            f"JetStream refused {what}: {self.description} (code {self.code}/{self.err_code})"
+        )
+
+
+#: JetStream error codes the backend acts on.
+STREAM_NOT_FOUND = 10059
+CONSUMER_NOT_FOUND = 10014
+STREAM_NAME_IN_USE = 10058
+CONSUMER_NAME_IN_USE = 10013
+CONSUMER_EXISTS = 10105
+CONSUMER_NOT_UPDATABLE = 10012
+WRONG_LAST_SEQUENCE = 10071
+STREAM_STORE_FULL = (10077, 10078)  # maximum messages / bytes exceeded
+
+_UNREACHABLE = (
+    NotSent,
+    Lost,
+    OSError,
+    TimeoutError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.OutboundBufferLimitError,
+    nats.errors.NoServersError,
+    nats.errors.StaleConnectionError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.ConnectionDrainingError,
+)
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A message read back from a stream (direct get)."""
+
+    seq: int
+    subject: str
+    headers: dict[str, str]
+    data: bytes
+
+
+def redacted(url: str) -> str:
+    """The URL without user and password (RELIABILITY.md §3.6)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+class Connection:
+    """A lazily opened, self-healing NATS connection shared by one broker."""
+
+    def __init__(self, url: str, settings: NatsSettings) -> None:
+        self.url = url
+        self.where = redacted(url)
+        self.settings = settings
+        self.generation = 0
+        """Raised on every (re)connection: a pull request of an older one is gone."""
+        self._nc: Client | None = None
+        self._lock = asyncio.Lock()
+        self._up = asyncio.Event()
+        self._down = asyncio.Event()
+        self._closed = False
+        self.watchers: set[asyncio.Event] = set()
+        """Events set on every reconnection (subscriptions renew their pull requests)."""
+
+    # -- life cycle -----------------------------------------------------------------------
+
+    @property
+    def up(self) -> bool:
+        """Connected right now (nats-py's own state; the callbacks lag it slightly)."""
+        return self._nc is not None and self._nc.is_connected and not self._closed
+
+    async def client(self) -> Client:
+        """The connected client, connecting on first use.
+
+        Raises:
+            BrokerUnavailableError: the server does not answer, or has no JetStream.
+            BrokerClosedError: the connection was closed.
+        """
+        if self._closed:
+            raise BrokerClosedError(f"the NATS broker on {self.where} is closed")
+        if self._nc is not None:
+            return self._nc
+        async with self._lock:
+            if self._nc is None:
+                self._nc = await self._connect()
+            return self._nc
+
+    async def _connect(self) -> Client:
+        nc = Client()
+        options = self.settings
+        try:
+            async with asyncio.timeout(options.connect_timeout):
+                await nc.connect(
+                    servers=[self.url],
+                    name="wirework",
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=options.reconnect_initial_backoff,  # type: ignore[arg-type]
+                    reconnect_to_server_handler=self._backoff,
+                    connect_timeout=options.connect_timeout,  # type: ignore[arg-type]
+                    ping_interval=options.ping_interval,  # type: ignore[arg-type]
+                    max_outstanding_pings=2,
+                    pending_size=0,
+                    error_cb=self._on_error,
+                    disconnected_cb=self._on_disconnected,
+                    reconnected_cb=self._on_reconnected,
+                    closed_cb=self._on_disconnected,
+                )
+        except (*_UNREACHABLE, nats.errors.Error) as exc:
+            with contextlib.suppress(Exception):
+                await nc.close()
+            raise BrokerUnavailableError(
+                f"cannot connect to NATS at {self.where} ({type(exc).__name__}: {exc}); "
+                f"check that nats-server runs there, then retry"
+            ) from exc
+        self.generation += 1
+        self._down.clear()
+        self._up.set()
+        try:
+            await nc.request("$JS.API.INFO", b"", timeout=options.api_timeout)
+        except nats.errors.NoRespondersError as exc:
+            await nc.close()
+            raise BrokerUnavailableError(
+                f"NATS at {self.where} has no JetStream; start nats-server with -js "
+                f"(and a store directory, -sd)"
+            ) from exc
+        except (*_UNREACHABLE, nats.errors.Error) as exc:
+            await nc.close()
+            raise BrokerUnavailableError(
+                f"JetStream at {self.where} did not answer ({type(exc).__name__}); retry later"
+            ) from exc
+        return nc
+
+    def _backoff(self, servers: list[Server], info: dict[str, Any]) -> tuple[Server | None, float]:
+        """nats-py asks this before every reconnection attempt: exponential, jittered."""
+        # Workaround (nats-py 2.16): each attempt reuses one transport object and replaces
+        # its socket without closing one that connected but never got the server's INFO
+        # (a half-open or blackholed server), leaking it until GC. Close it first.
+        transport = getattr(self._nc, "_transport", None)
+        if transport is not None:
+            with contextlib.suppress(Exception):
+                transport.close()
+        server = servers[0] if servers else None
+        attempts = server.reconnects if server is not None else 0
+        options = self.settings
+        delay = min(
+            options.reconnect_max_backoff,
+            options.reconnect_initial_backoff * 2 ** min(attempts, 30),
+        )
+        return server, delay * random.uniform(0.5, 1.0)
+
+    async def _on_error(self, exc: Exception) -> None:
+        log.debug("NATS connection to %s: %s: %s", self.where, type(exc).__name__, exc)
+
+    async def _on_disconnected(self) -> None:
+        self._up.clear()
+        self._down.set()
+
+    async def _on_reconnected(self) -> None:
+        self.generation += 1
+        self._down.clear()
+        self._up.set()
+        for event in self.watchers:
+            event.set()
+        log.info("reconnected to NATS at %s", self.where)
+
+    async def wait_up(self, timeout: float) -> bool:
+        """Wait until connected (or ``timeout``); True if connected."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not self.up:
+            remaining = deadline - loop.time()
+            if remaining <= 0 or self._closed:
+                return False
+            if self._nc is None:
+                with contextlib.suppress(BrokerUnavailableError):
+                    await self.client()
+                continue
+            # The reconnected callback wakes this early; the short poll covers its lag.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(remaining, 0.05)):
+                    await self._up.wait()
+            if not self.up:
+                self._up.clear()
+        return True
+
+    async def aclose(self) -> None:
+        self._closed = True
+        nc, self._nc = self._nc, None
+        if nc is not None:
+            with contextlib.suppress(Exception):
+                await nc.close()
+        self._up.clear()
+        self._down.set()
+
+    # -- calls --------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def translate(self, what: str) -> Iterator[None]:
+        """Turn nats-py errors into wirework's (one place for the whole backend)."""
+        try:
+            yield
+        except WireworkError:
+            raise
+        except nats.errors.MaxPayloadError as exc:
+            raise BrokerError(f"{what}: over the server's max_payload ({exc})") from exc
+        except nats.errors.NoRespondersError as exc:
+            raise BrokerUnavailableError(
+                f"nothing answered while {what} on NATS at {self.where}: is JetStream on, "
+                f"and does the stream still exist?"
+            ) from exc
+        except _UNREACHABLE as exc:
+            if self._closed:
+                raise BrokerClosedError(f"the NATS broker on {self.where} is closed") from exc
+            raise BrokerUnavailableError(
+                f"NATS at {self.where} did not answer while {what} "
+                f"({type(exc).__name__}); retry later"
+            ) from exc
+        except nats.errors.Error as exc:
+            raise BrokerError(f"NATS failed while {what}: {type(exc).__name__}: {exc}") from exc
+
+    async def request(
+        self,
+        subject: str,
+        payload: bytes = b"",
+        *,
+        headers: dict[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> Msg:
+        """A request that ends as soon as the connection drops.
+
+        Raises:
+            NotSent: the connection was down, nothing was sent.
+            Lost: the connection dropped before the reply.
+            nats.errors.TimeoutError: no reply within ``timeout``.
+        """
+        nc = await self.client()
+        if not self.up:
+            raise NotSent
+        sent = asyncio.ensure_future(
+            nc.request(
+                subject,
+                payload,
+                timeout=timeout or self.settings.api_timeout,
+                headers=headers,
+            )
+        )
+        dropped = asyncio.ensure_future(self._down.wait())
+        try:
+            await asyncio.wait({sent, dropped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            dropped.cancel()
+        if not sent.done():
+            sent.cancel()
+            with contextlib.suppress(BaseException):
+                await sent
+            raise Lost
+        try:
+            return sent.result()
+        except nats.errors.OutboundBufferLimitError as exc:
+            raise NotSent from exc
+
+    async def publish(self, subject: str, payload: bytes = b"", *, reply: str = "") -> None:
+        """A core publish (acks, in-progress, notifications); fails at once while down."""
+        nc = await self.client()
+        with self.translate(f"publishing to {subject}"):
+            await nc.publish(subject, payload, reply=reply)
+
+    async def api(self, subject: str, body: Mapping[str, Any] | None, *, what: str) -> Any:
+        """A JetStream API request (``$JS.API.<subject>``) and its decoded answer.
+
+        Raises:
+            Refused: JetStream answered with an error.
+            BrokerUnavailableError: no answer.
+        """
+        payload = b"" if body is None else json.dumps(body).encode()
+        with self.translate(what):
+            msg = await self.request(f"$JS.API.{subject}", payload)
+        answer = json.loads(msg.data)
+        if "error" in answer:
+            raise Refused(what, answer["error"])
+        return answer
+
+    async def direct_get(
+        self,
+        stream: str,
+        *,
+        seq: int | None = None,
+        next_by_subj: str | None = None,
+        last_by_subj: str | None = None,
+    ) -> Stored | None:
+        """One stored message (by sequence, next on a subject, or last on a subject).
+
+        None when there is none. The stream must exist: JetStream does not answer a
+        direct get of a missing stream at all, so the caller would wait out the timeout.
+        """
+        body: dict[str, Any] = {}
+        if seq is not None:
+            body["seq"] = max(1, seq)
+        if next_by_subj is not None:
+            body["next_by_subj"] = next_by_subj
+        if last_by_subj is not None:
+            body["last_by_subj"] = last_by_subj
+        with self.translate(f"reading stream {stream}"):
+            try:
+                msg = await self.request(f"$JS.API.DIRECT.GET.{stream}", json.dumps(body).encode())
+            except nats.errors.NoRespondersError:
+                return None
+        headers = {str(k): v for k, v in (msg.headers or {}).items()}
+        status = headers.get("Status")
+        if status is not None and "Nats-Sequence" not in headers:
+            if status in ("404", "408"):
+                return None
+            raise BrokerError(f"JetStream refused a read of {stream}: status {status}")
+        return Stored(int(headers["Nats-Sequence"]), headers["Nats-Subject"], headers, msg.data)
+
+    async def scan(
+        self, stream: str, subject_filter: str, *, start: int = 1, limit: int = 10_000
+    ) -> list[Stored]:
+        """Messages on ``subject_filter`` from sequence ``start`` on, oldest first."""
+        found: list[Stored] = []
+        while len(found) < limit:
+            stored = await self.direct_get(stream, seq=start, next_by_subj=subject_filter)
+            if stored is None:
+                break
+            found.append(stored)
+            start = stored.seq + 1
+        return found
+
+    async def delete_message(self, stream: str, seq: int) -> None:
+        """Remove one message for good (no tombstone left behind)."""
+        with contextlib.suppress(Refused):  # already gone
+            await self.api(
+                f"STREAM.MSG.DELETE.{stream}",
+                {"seq": seq, "no_erase": True},
+                what=f"deleting message {seq} of {stream}",
+            )
+
+    async def stream_list(self, subject_filter: str) -> list[dict[str, Any]]:
+        """Info of every stream with subjects under ``subject_filter``."""
+        streams: list[dict[str, Any]] = []
+        while True:
+            page = await self.api(
+                "STREAM.LIST",
+                {"subject": subject_filter, "offset": len(streams)},
+                what="listing streams",
+            )
+            streams.extend(page.get("streams") or [])
+            if not page.get("streams") or len(streams) >= page.get("total", 0):
+                return streams
+
+    async def consumer_list(self, stream: str) -> list[dict[str, Any]]:
+        consumers: list[dict[str, Any]] = []
+        while True:
+            page = await self.api(
+                f"CONSUMER.LIST.{stream}",
+                {"offset": len(consumers)},
+                what=f"listing consumers of {stream}",
+            )
+            consumers.extend(page.get("consumers") or [])
+            if not page.get("consumers") or len(consumers) >= page.get("total", 0):
+                return consumers
+
+    async def ensure_stream(self, config: Mapping[str, Any]) -> None:
+        """Create a stream unless one of that name exists (whatever its settings)."""
+        name = config["name"]
+        try:
+            await self.api(f"STREAM.CREATE.{name}", config, what=f"creating stream {name}")
+        except Refused as exc:
+            if exc.err_code != STREAM_NAME_IN_USE:
+                raise
