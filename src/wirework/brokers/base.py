@@ -102,10 +102,12 @@ class Subscription(BaseModel):
     """Where and how a group reads a topic.
 
     ``lease_timeout`` is how long a delivery stays with one consumer before it
-    is handed to another; ``prefetch`` bounds the unsettled deliveries one
-    subscription holds; ``start`` decides what a *new* group sees: everything
-    still retained (``earliest``) or only what is published after it was
-    created (``latest``). An existing group keeps its position.
+    is handed to another (per group on backends whose server holds it per
+    consumer group, such as NATS: the last subscription to join sets it);
+    ``prefetch`` bounds the unsettled deliveries one subscription holds;
+    ``start`` decides what a *new* group sees: everything still retained
+    (``earliest``) or only what is published after it was created
+    (``latest``). An existing group keeps its position.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -166,7 +168,9 @@ class Delivery(ABC):
     A delivery that lost its message (its lease ran out and the message went
     to another consumer, or its subscription was left and the message taken
     again) settles without effect: the call returns, or raises ``BrokerError``,
-    and the message's current holder is untouched. Backend detail (row id,
+    and the message's current holder is untouched. A settle after the lease
+    ran out may be ignored even if nobody took the message yet (a network
+    backend cannot tell); the message then simply comes back. Backend detail (row id,
     delivery tag, stream id) lives on the subclass.
     """
 
@@ -234,6 +238,9 @@ class Broker(ABC):
             MessageTooLargeError: over ``max_message_bytes``; nothing was stored.
             QueueFullError: the topic is at its length limit; nothing was stored.
             BrokerBusyError, BrokerUnavailableError: nothing was stored; retry later.
+            PublishOutcomeUnknownError: sent, but the connection broke before the
+                broker answered; it may have been stored (publish the same
+                CloudEvent again and let consumers deduplicate).
             ConfigurationError: the topic name is invalid.
         """
 
@@ -334,5 +341,10 @@ class GroupAdmin(Protocol):
         ...
 
     async def delete_group(self, topic: str, group: str) -> None:
-        """Forget ``group`` on ``topic`` with its undelivered messages; no error if absent."""
+        """Forget ``group`` on ``topic`` with its undelivered messages; no error if absent.
+
+        Meant for groups nobody reads any more: a subscription still running on
+        the group is not ended by it. Deleting a topic's last group may drop a
+        message published to the topic at that same instant.
+        """
         ...
