@@ -9,11 +9,13 @@ in the dead letters, without holding anything else up.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -43,10 +45,35 @@ ORDERS = [
 ]
 
 
-def broker_url() -> str:
+SERVER_BACKENDS = {"redis": "redis", "rediss": "redis", "amqp": "rabbitmq", "nats": "nats"}
+DEMO_NAMESPACE = "wirework-demo"
+
+
+async def broker_url() -> str:
+    """The demo's broker: a fresh SQLite file, or ``WIREWORK_BROKER``.
+
+    On a server the demo works in a namespace of its own (``wirework-demo``
+    unless the URL names one), emptied first, so each run starts clean and
+    never touches anything else on the server.
+    """
     url = os.environ.get("WIREWORK_BROKER")
     if url:
+        scheme = url.split(":", 1)[0].lower()
+        module_name = SERVER_BACKENDS.get(scheme)
+        if module_name is None:
+            return url
+        parts = urlsplit(url)
+        options = dict(parse_qsl(parts.query))
+        options.setdefault("namespace", DEMO_NAMESPACE)
+        url = urlunsplit(parts._replace(query=urlencode(options)))
+        module = importlib.import_module(f"wirework.brokers.{module_name}")
+        await module.purge_namespace(url.split("?", 1)[0], options["namespace"])
         return url
+    return fresh_sqlite_url()
+
+
+def fresh_sqlite_url() -> str:
+    """An empty SQLite broker file in ``.demo/``, kept afterwards for the CLI."""
     path = Path(".demo") / "shop.db"
     path.parent.mkdir(exist_ok=True)
     for suffix in ("", "-wal", "-shm"):
@@ -67,7 +94,7 @@ async def main() -> None:
     logging.basicConfig(
         level=logging.WARNING, format="%(message)s", handlers=[RichHandler(show_path=False)]
     )
-    url = broker_url()
+    url = await broker_url()
     console.rule(f"[bold]wirework shop[/] on {url}")
     # memory:// lives in one process object, so every service shares it; any other
     # URL gives each service its own connection, as separate processes would have.
