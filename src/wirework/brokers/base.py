@@ -255,9 +255,11 @@ class Broker(ABC):
         only when the generator is collected; use ``aclosing``.
 
         Retention: a message settled by every group that held it is removed; a
-        new ``earliest`` group gets what the topic still keeps; a message
-        published while a topic has no group is kept until the first group
-        appears, and creating a ``latest`` group drops such messages.
+        message published while a topic has no group is kept until the first
+        group appears, and creating a ``latest`` group drops such messages. A
+        new ``earliest`` group gets at least what was kept for no group; on
+        memory, SQLite, Redis and NATS also what other groups still hold, on
+        RabbitMQ not (each group is its own queue there).
 
         Raises:
             BrokerClosedError: the broker was closed.
