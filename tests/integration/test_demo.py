@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from tests.conformance.conftest import require_service
 
 ROOT = Path(__file__).resolve().parents[2]
