@@ -31,6 +31,7 @@ from examples.shop.notifications import notifications
 from examples.shop.orders import orders
 from examples.shop.shipping import PRINTED, shipping_worker
 from wirework.brokers import Broker, DeadLetterStore, Inspectable, connect
+from wirework.envelope import Envelope
 from wirework.service import Service
 
 console = Console(highlight=False)
@@ -117,7 +118,7 @@ async def main() -> None:
             await service.start()
         async with front:
             console.print(f"placing {len(ORDERS)} orders on the [bold]orders.place[/] queue…")
-            sent = {}
+            sent: dict[str, Envelope] = {}
             for order in ORDERS:
                 sent[order.order_id] = await front.send("orders.place", order, key=order.order_id)
             await wait_for(lambda: len(notifications_module.SENT) == len(ORDERS), "notifications")
@@ -141,14 +142,14 @@ async def main() -> None:
             await service.stop(grace=0)
 
 
-async def report(flow: FlowLog, sent: dict[str, object], broker: Broker, url: str) -> None:
+async def report(flow: FlowLog, sent: dict[str, Envelope], broker: Broker, url: str) -> None:
     console.print(
         "Each order's flow: who handled which message, and what caused it "
         "(ids shortened to 8 characters)."
     )
     for order in ORDERS:
         envelope = sent[order.order_id]
-        correlation = getattr(envelope, "correlationid", None) or getattr(envelope, "id", "")
+        correlation = envelope.correlationid or envelope.id
         console.print(
             f"\n[bold]{order.order_id}[/] {order.quantity} x {order.sku}  "
             f"[dim]correlation {correlation}[/]"

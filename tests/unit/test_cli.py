@@ -19,7 +19,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -235,7 +235,7 @@ class _PublishOnly(Broker):
     ) -> None:
         return None
 
-    async def subscribe(self, subscription: Subscription) -> AsyncIterator[Delivery]:
+    async def subscribe(self, subscription: Subscription) -> AsyncGenerator[Delivery, None]:
         return
         yield
 
