@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
@@ -164,9 +164,7 @@ class Consumer:
         self._rng = rng or random.Random()
         self._stop = asyncio.Event()
         self._grace = 5.0
-        self._running: set[asyncio.Task[None]] = set()
         self._done = asyncio.Event()
-        self._pending_fetch: asyncio.Future[Delivery] | None = None
 
     async def stop(self, *, grace: float = 5.0) -> None:
         """Stop fetching, give running handlers ``grace`` seconds, and wait for ``run`` to end."""
@@ -181,31 +179,82 @@ class Consumer:
         the current subscription: the consumer subscribes again after a backoff
         (50 ms doubling to 5 s), so a transient fault never stops it for good.
         """
-        slots = asyncio.Semaphore(self.concurrency)
-        deliveries = self.broker.subscribe(self.subscription)
-        pause = _RESUBSCRIBE_FIRST
+        # ``concurrency`` long-lived workers take turns reading the subscription, and a
+        # worker reads only when it is free (so at most ``concurrency`` deliveries are in
+        # hand): per message one uncontended lock, where a task per fetch and two
+        # asyncio.wait() races cost a quarter of the event loop's time.
         try:
-            async with asyncio.TaskGroup() as handlers:
-                while True:
+            deliveries = self.broker.subscribe(self.subscription)
+        except BaseException:
+            self._done.set()  # stop() must not wait for a run that never began
+            raise
+        turn = asyncio.Lock()
+        slots = asyncio.Semaphore(self.concurrency)  # _handle releases one per message
+        reading: set[asyncio.Task[None]] = set()
+        busy: set[asyncio.Task[None]] = set()
+        pause = _RESUBSCRIBE_FIRST
+
+        async def next_delivery() -> Delivery | None:
+            nonlocal deliveries, pause
+            while True:
+                try:
+                    return await anext(deliveries)
+                except StopAsyncIteration:
+                    return None
+                except BrokerError as exc:
+                    if not exc.retriable or self._stop.is_set():
+                        raise
+                    log.warning(
+                        "subscription to %s/%s failed (%s); subscribing again in %.2fs",
+                        self.subscription.topic,
+                        self.subscription.group,
+                        exc,
+                        pause,
+                    )
+                    await self._pause(pause)
+                    pause = min(pause * 2, _RESUBSCRIBE_MAX)
+                    if self._stop.is_set():
+                        return None
+                    deliveries = self.broker.subscribe(self.subscription)
+
+        async def work() -> None:
+            me = asyncio.current_task()
+            assert me is not None
+            while not self._stop.is_set():
+                async with turn:
+                    if self._stop.is_set():
+                        return
+                    reading.add(me)
                     try:
-                        await self._fetch(deliveries, slots, handlers)
-                        break
-                    except BrokerError as exc:
-                        if not exc.retriable or self._stop.is_set():
-                            raise
-                        log.warning(
-                            "subscription to %s/%s failed (%s); subscribing again in %.2fs",
-                            self.subscription.topic,
-                            self.subscription.group,
-                            exc,
-                            pause,
-                        )
-                        await self._pause(pause)
-                        pause = min(pause * 2, _RESUBSCRIBE_MAX)
-                        if self._stop.is_set():
-                            break
-                        deliveries = self.broker.subscribe(self.subscription)
-                await self._drain()
+                        delivery = await next_delivery()
+                    finally:
+                        reading.discard(me)
+                if delivery is None:
+                    self._stop.set()  # the subscription ended: so does this consumer
+                    return
+                if self._stop.is_set():
+                    return  # not started: handed back when the iteration closes
+                await slots.acquire()
+                busy.add(me)
+                try:
+                    await self._handle(delivery, slots)
+                finally:
+                    busy.discard(me)
+
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                workers = {tasks.create_task(work()) for _ in range(self.concurrency)}
+                await self._stop.wait()
+                for worker in workers - busy - reading:
+                    worker.cancel()  # waiting for its turn to read
+                if busy:
+                    _, late = await asyncio.wait(set(busy), timeout=self._grace)
+                    for worker in late:
+                        worker.cancel()
+                    if late:
+                        await asyncio.wait(late)
+                for worker in reading:
+                    worker.cancel()  # the pending read, cancelled once handlers are done
         finally:
             # Closing the iteration hands back whatever it still held, after the handlers.
             with contextlib.suppress(Exception):
@@ -222,56 +271,6 @@ class Consumer:
         finally:
             for waiter in waits:
                 waiter.cancel()
-
-    async def _fetch(
-        self,
-        deliveries: AsyncGenerator[Delivery, None],
-        slots: asyncio.Semaphore,
-        handlers: asyncio.TaskGroup,
-    ) -> None:
-        stop = asyncio.ensure_future(self._stop.wait())
-        try:
-            while not self._stop.is_set():
-                slot = asyncio.ensure_future(slots.acquire())
-                await asyncio.wait({slot, stop}, return_when=asyncio.FIRST_COMPLETED)
-                if not slot.done() or self._stop.is_set():
-                    slot.cancel()
-                    if slot.done() and not slot.cancelled():
-                        slots.release()
-                    return
-                fetch = asyncio.ensure_future(anext(deliveries))
-                await asyncio.wait({fetch, stop}, return_when=asyncio.FIRST_COMPLETED)
-                if not fetch.done():
-                    # Stopping: the pending fetch is cancelled once handlers are done.
-                    slots.release()
-                    self._pending_fetch = fetch
-                    return
-                try:
-                    delivery = fetch.result()
-                except StopAsyncIteration:
-                    slots.release()
-                    return
-                except BaseException:
-                    slots.release()
-                    raise
-                task = handlers.create_task(self._handle(delivery, slots))
-                self._running.add(task)
-                task.add_done_callback(self._running.discard)
-        finally:
-            stop.cancel()
-
-    async def _drain(self) -> None:
-        if self._running:
-            _, late = await asyncio.wait(set(self._running), timeout=self._grace)
-            for task in late:
-                task.cancel()
-            if late:
-                await asyncio.wait(late)
-        pending = self._pending_fetch
-        if pending is not None and not pending.done():
-            pending.cancel()
-            with contextlib.suppress(BaseException):
-                await pending
 
     async def _handle(self, delivery: Delivery, slots: asyncio.Semaphore) -> None:
         self.stats.in_flight += 1

@@ -27,6 +27,8 @@ from typing import Any
 from wirework.errors import BrokerBusyError, BrokerError, BrokerUnavailableError, WireworkError
 
 MAX_BATCH = 512
+_BUSY_PAUSE_FIRST = 0.0001
+_BUSY_PAUSE_MAX = 0.002
 
 
 @dataclass
@@ -68,6 +70,7 @@ class Writer:
         self._started = False
         self._connection: sqlite3.Connection | None = None
         self._current_busy_ms = -1
+        self._busy_pause = _BUSY_PAUSE_FIRST
         self.commits = 0
         """Transactions committed; with ``operations`` it shows how well commits are shared."""
         self.operations = 0
@@ -146,18 +149,25 @@ class Writer:
                 pending = [item for item in pending if item.deadline > now]
                 if not pending:
                     return
-            wait_ms = max(1, int((min(item.deadline for item in pending) - now) * 1000))
-            if wait_ms != self._current_busy_ms:
-                connection.execute(f"PRAGMA busy_timeout = {wait_ms}")
-                self._current_busy_ms = wait_ms
+            if self._current_busy_ms != 0:
+                # SQLite's busy handler sleeps 1, 2, 5, 10 ... 100 ms between tries, far
+                # longer than another process holds the lock: retry here, finely.
+                connection.execute("PRAGMA busy_timeout = 0")
+                self._current_busy_ms = 0
             read_only = all(item.read_only for item in pending)
             try:
                 connection.execute("BEGIN" if read_only else "BEGIN IMMEDIATE")
             except sqlite3.OperationalError as exc:
                 if _is_busy(exc):
+                    # Another process holds the lock for well under a millisecond, usually:
+                    # retry soon, backing off to 2 ms so a long lock does not burn a core.
+                    time.sleep(self._busy_pause)
+                    self._busy_pause = min(self._busy_pause * 2, _BUSY_PAUSE_MAX)
                     continue
+                self._busy_pause = _BUSY_PAUSE_FIRST
                 self._resolve([(item.future, _translate(exc)) for item in pending])
                 return
+            self._busy_pause = _BUSY_PAUSE_FIRST
             batch = Batch()
             outcomes: list[tuple[asyncio.Future[Any], Any]] = []
             try:
