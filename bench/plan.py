@@ -1,0 +1,36 @@
+"""How big a run is, where its files go, and the line printed as each figure is known."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+
+from bench.report import Figure, format_value
+
+
+@dataclass(frozen=True)
+class Sizes:
+    messages: int
+    serial_messages: int
+    latency_samples: int
+    latency_gap: float
+    idle_seconds: float
+    backlog: int
+    repeat: int = 1
+    """Runs of each throughput case (1-3); the median one is reported with its own floor."""
+
+
+FULL = Sizes(20_000, 5_000, 300, 0.01, 10.0, 100_000)
+QUICK = Sizes(2_000, 1_000, 50, 0.01, 3.0, 10_000)
+
+
+def scratch() -> tempfile.TemporaryDirectory[str]:
+    """A temporary directory for one workload's files, removed with everything in it."""
+    return tempfile.TemporaryDirectory(prefix="wirework-bench-")
+
+
+def progress(figure: Figure) -> None:
+    """One line as soon as a figure is known, so a long run shows where it is."""
+    value = format_value(figure.value, figure.unit)
+    against = "" if figure.floor is None else f" (floor {format_value(figure.floor, figure.unit)})"
+    print(f"  {figure.key:<3} {figure.title}: {value}{against}", flush=True)
