@@ -5,15 +5,17 @@ from __future__ import annotations
 import typer
 
 from wirework.cli.dlq import app as dlq_app
+from wirework.cli.run import run_command
 from wirework.cli.topics import topics
 
 app = typer.Typer(
     name="wirework",
-    help="Inspect a wirework broker: topics, backlogs and dead letters.",
+    help="Run wirework services; inspect a broker's topics, backlogs and dead letters.",
     no_args_is_help=True,
     # Locals would put message bodies and broker URLs with passwords on the screen.
     pretty_exceptions_show_locals=False,
 )
+app.command("run")(run_command)
 app.command("topics")(topics)
 app.add_typer(dlq_app, name="dlq")
 

@@ -1,0 +1,329 @@
+"""``wirework run`` as an operator uses it: a real process, a SQLite file, real signals.
+
+The services live in ``run_services.py``; every handled job leaves a line
+``"<n> <pid>"`` in a file, so lost and duplicated jobs are counted from the
+outside. Each process writes its output to a file (no pipe to fill up), and
+the ``launch`` fixture kills every process it started, workers included, even
+when a test fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from pydantic import BaseModel
+
+from wirework.brokers import Inspectable, connect
+from wirework.service import Service
+
+ROOT = Path(__file__).resolve().parents[2]
+SERVICES = "tests.integration.run_services"
+JOBS = f"{SERVICES}:svc"
+AUDIT = f"{SERVICES}:make_audit"
+#: As in run_services.py, which only the ``wirework run`` processes import.
+PREFETCH = 10
+#: The handler's sleep unless a test asks for another (``RUN_TEST_SLEEP``).
+HANDLER_SLEEP = 0.3
+#: What ``wirework run`` waits for its workers past their grace (runner.KILL_MARGIN).
+KILL_MARGIN = 5.0
+
+
+class Job(BaseModel):
+    n: int
+
+
+class Run:
+    """One ``wirework run`` process and the file its output goes to."""
+
+    def __init__(self, process: subprocess.Popen[bytes], log: Path) -> None:
+        self.process = process
+        self.log = log
+
+    @property
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def terminate(self) -> float:
+        """Send SIGTERM; returns the moment it was sent."""
+        self.process.send_signal(signal.SIGTERM)
+        return time.monotonic()
+
+    async def exited(self, limit: float) -> int:
+        await wait_until(lambda: self.process.poll() is not None, limit, what="exit", run=self)
+        return self.process.returncode
+
+
+class Launcher:
+    """Starts ``wirework run`` processes on one broker file; ``close`` kills what is left."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.broker = f"sqlite:///{tmp_path / 'broker.db'}"
+        self.handled = tmp_path / "handled.txt"
+        self.runs: list[Run] = []
+        self.env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "src")]),
+            "WIREWORK_BROKER": self.broker,
+            "RUN_TEST_OUT": str(self.handled),
+        }
+
+    def start(self, *args: str, sleep: float = HANDLER_SLEEP) -> Run:
+        log = self.tmp_path / f"run-{len(self.runs)}.log"
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "wirework.cli.main", "run", *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=ROOT,
+                env={**self.env, "RUN_TEST_SLEEP": str(sleep)},
+            )
+        run = Run(process, log)
+        self.runs.append(run)
+        return run
+
+    async def publish(self, count: int) -> None:
+        publisher = Service("run-test-publisher", broker=self.broker)
+        try:
+            for n in range(count):
+                await publisher.send("jobs", Job(n=n))
+        finally:
+            await publisher.broker.aclose()
+
+    async def groups_exist(self, *groups: str) -> bool:
+        """Whether every group reads ``jobs`` yet.
+
+        Publish only after that: the broker drops a message once every group
+        that exists has acked it, so a group created a moment after the
+        other service's group had acked would miss the first jobs.
+        """
+        async with connect(self.broker) as broker:
+            assert isinstance(broker, Inspectable)
+            stats = await broker.stats()
+        return {s.group for s in stats if s.topic == "jobs"} >= set(groups)
+
+    def ids(self) -> list[int]:
+        return [int(line.split()[0]) for line in self._lines()]
+
+    def pids(self) -> set[int]:
+        return {int(line.split()[1]) for line in self._lines()}
+
+    def _lines(self) -> list[str]:
+        if not self.handled.exists():
+            return []
+        return [line for line in self.handled.read_text().splitlines() if line.strip()]
+
+    def close(self) -> None:
+        for run in self.runs:
+            strays: list[psutil.Process] = []
+            if run.process.poll() is None:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    strays = psutil.Process(run.process.pid).children(recursive=True)
+                run.process.kill()
+            # Workers run in sessions of their own; kill the ones the log names too.
+            for pid in map(int, re.findall(r"worker \d+ started \(pid (\d+)\)", run.output)):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    strays.append(psutil.Process(pid))
+            for stray in strays:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    stray.kill()
+            run.process.wait(timeout=10)
+            psutil.wait_procs(strays, timeout=10)
+
+
+@pytest.fixture
+def launch(tmp_path: Path) -> Iterator[Launcher]:
+    launcher = Launcher(tmp_path)
+    try:
+        yield launcher
+    finally:
+        launcher.close()
+
+
+async def wait_until(
+    predicate: Callable[[], bool | Awaitable[bool]],
+    limit: float,
+    *,
+    what: str,
+    run: Run | None = None,
+) -> None:
+    """Poll ``predicate``; fail saying what did not happen, with the process's output."""
+    deadline = time.monotonic() + limit
+    while True:
+        outcome = predicate()
+        if not isinstance(outcome, bool):
+            outcome = await outcome
+        if outcome:
+            return
+        if time.monotonic() >= deadline:
+            output = f"\n--- output ---\n{run.output}" if run is not None else ""
+            raise AssertionError(f"{what}: not within {limit} s{output}")
+        await asyncio.sleep(0.02)
+
+
+@pytest.mark.parametrize(
+    "grace",
+    [pytest.param(2.0, id="finish-in-grace"), pytest.param(0.1, id="hand-back-after-grace")],
+)
+async def test_sigterm_under_load_exits_0_in_time_and_loses_nothing(
+    launch: Launcher, grace: float
+) -> None:
+    """SIGTERM mid-load exits 0 within grace + 1 s; a second run handles every remaining job."""
+    first = launch.start("--grace", str(grace), JOBS, AUDIT)
+    await wait_until(lambda: launch.groups_exist("jobs", "run-audit"), 20, what="groups", run=first)
+    await launch.publish(100)
+    await wait_until(lambda: len(launch.ids()) >= 16, 20, what="load", run=first)
+
+    sent = first.terminate()
+    code = await first.exited(grace + 5)
+    took = time.monotonic() - sent
+    assert code == 0, first.output
+    assert took <= grace + 1.0, f"exit took {took:.2f} s\n{first.output}"
+    assert len(set(launch.ids())) < 100, "the first run was not stopped under load"
+    assert "stopping 2 service(s) (SIGTERM)" in first.output
+    cancelled = re.search(r"grace of [\d.]+ s is over: cancelling (\d+)", first.output)
+    if grace > HANDLER_SLEEP:
+        assert cancelled is None, "a handler did not finish within grace"
+    else:
+        assert cancelled is not None, f"no handler was running at SIGTERM\n{first.output}"
+
+    second = launch.start("--grace", str(grace), JOBS, AUDIT)
+    await wait_until(lambda: set(launch.ids()) >= set(range(100)), 30, what="drain", run=second)
+    second.terminate()
+    assert await second.exited(grace + 5) == 0, second.output
+
+    handled = Counter(launch.ids())
+    lost = set(range(100)) - set(handled)
+    duplicates = sum(handled.values()) - len(handled)
+    assert not lost, f"lost {sorted(lost)}"
+    assert duplicates <= PREFETCH, f"{duplicates} duplicates"
+
+
+async def test_a_second_sigterm_forces_the_stop_with_exit_130(launch: Launcher) -> None:
+    """A second signal does not wait out the grace: handlers are cancelled and it exits 130."""
+    await launch.publish(20)
+    run = launch.start("--grace", "30", JOBS, sleep=60)
+    in_flight = re.compile(r"in_flight=[1-9]")
+    await wait_until(lambda: bool(in_flight.search(run.output)), 20, what="busy", run=run)
+    sent = run.terminate()
+    await wait_until(lambda: "stopping 1 service(s)" in run.output, 5, what="stopping", run=run)
+    run.terminate()
+    assert await run.exited(5) == 130, run.output
+    assert time.monotonic() - sent < 5.0
+    assert "forcing the stop (second signal, SIGTERM)" in run.output
+    assert not launch.handled.exists(), "a cancelled handler ran to its end"
+
+
+async def test_two_workers_share_the_work_and_stop_cleanly(launch: Launcher) -> None:
+    """With --workers 2 both worker processes take jobs, and SIGTERM stops all with exit 0."""
+    await launch.publish(60)
+    parent = launch.start("--workers", "2", "--grace", "2", JOBS)
+    await wait_until(lambda: len(launch.pids()) >= 2, 20, what="both workers busy", run=parent)
+
+    parent.terminate()
+    assert await parent.exited(2 + KILL_MARGIN + 1) == 0, parent.output
+    exits = re.findall(r"worker (\d) \(pid (\d+)\) exited with code (\d+)", parent.output)
+    assert sorted((index, code) for index, _, code in exits) == [("1", "0"), ("2", "0")]
+    assert launch.pids() <= {int(pid) for _, pid, _ in exits}
+    assert not any(psutil.pid_exists(pid) for pid in launch.pids())
+
+
+async def test_a_killed_worker_is_reported_and_replaced(launch: Launcher) -> None:
+    """A worker killed with SIGKILL is logged loudly and restarted, and the new one takes jobs."""
+    await launch.publish(300)
+    parent = launch.start("--workers", "2", "--grace", "1", JOBS)
+    await wait_until(lambda: len(launch.pids()) >= 2, 20, what="both workers busy", run=parent)
+    victim = min(launch.pids())
+    os.kill(victim, signal.SIGKILL)
+
+    await wait_until(lambda: "WORKER DIED" in parent.output, 10, what="death", run=parent)
+    assert f"(pid {victim}) was killed by SIGKILL" in parent.output
+    await wait_until(lambda: len(launch.pids()) >= 3, 20, what="replacement busy", run=parent)
+
+    parent.terminate()
+    assert await parent.exited(1 + KILL_MARGIN + 1) == 0, parent.output
+
+
+async def test_workers_stop_by_themselves_when_the_supervisor_is_killed(
+    launch: Launcher,
+) -> None:
+    """Workers whose supervisor died of SIGKILL notice and stop, instead of running unwatched."""
+    await launch.publish(100)
+    parent = launch.start("--workers", "2", "--grace", "1", JOBS)
+    await wait_until(lambda: len(launch.pids()) >= 2, 20, what="both workers busy", run=parent)
+    workers = [psutil.Process(pid) for pid in launch.pids()]
+    parent.process.kill()
+
+    def ended(worker: psutil.Process) -> bool:
+        try:
+            return worker.status() == psutil.STATUS_ZOMBIE  # ended, not reaped yet
+        except psutil.NoSuchProcess:
+            return True
+
+    await wait_until(lambda: all(map(ended, workers)), 1 + 3, what="workers ended", run=parent)
+    assert parent.output.count("is gone; stopping this worker") == 2, parent.output
+    assert parent.output.count("all services stopped (exit 0)") == 2, parent.output
+
+
+@pytest.mark.parametrize(
+    ("target", "names"),
+    [
+        pytest.param("nope:svc", "cannot import module 'nope'", id="no-module"),
+        pytest.param(f"{SERVICES}:missing", "has no attribute 'missing'", id="no-attribute"),
+        pytest.param(f"{SERVICES}:not_a_service", "is an int, not a wirework", id="not-service"),
+        pytest.param(SERVICES, "is not module:attribute", id="no-colon"),
+    ],
+)
+def test_a_bad_target_is_one_line_saying_what_to_fix(
+    launch: Launcher, target: str, names: str
+) -> None:
+    """A target that does not name a Service exits 2 with one error line and no traceback."""
+    result = subprocess.run(
+        [sys.executable, "-m", "wirework.cli.main", "run", target],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=launch.env,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    assert names in lines[0]
+    assert "Traceback" not in result.stdout + result.stderr
+    assert not launch.handled.exists()
+
+
+async def test_plain_output_has_start_summary_and_stop_lines(launch: Launcher) -> None:
+    """Without a terminal the output is log lines: start, counts while working, stop with totals."""
+    run = launch.start(JOBS, AUDIT)
+    await wait_until(lambda: launch.groups_exist("jobs", "run-audit"), 20, what="groups", run=run)
+    await launch.publish(3)
+    summary = re.compile(r"run-jobs: handled=\d+ failed=0 retried=0 dead_lettered=0 in_flight=\d+")
+    await wait_until(lambda: len(launch.ids()) == 3, 20, what="3 jobs handled", run=run)
+    await wait_until(lambda: bool(summary.search(run.output)), 10, what="summary", run=run)
+
+    run.terminate()
+    assert await run.exited(6) == 0, run.output
+    out = run.output
+    assert "started run-jobs: consume jobs" in out
+    assert "started run-audit: subscribe jobs [run-audit]" in out
+    assert re.search(r"stopped run-jobs: handled=3 failed=0 .* after [\d.]+ s", out), out
+    assert re.search(r"stopped run-audit: handled=3 ", out), out
+    assert "all services stopped (exit 0)" in out
+    assert "\x1b" not in out, "escape codes in plain output"
