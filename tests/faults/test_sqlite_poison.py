@@ -30,7 +30,9 @@ async def test_poison_is_dead_lettered_after_max_attempts_without_blocking_the_r
     poison = {f"p0-{n}" for n in rng.sample(range(150), 5)}
     publisher = run.publisher("p0", count=MESSAGES)
     assert await publisher.exited(30) == 0, run.describe()
-    run.consumer("c0", poison=poison, max_attempts=MAX_ATTEMPTS, base_delay=BASE_DELAY)
+    # A long lease: this test counts retries exactly, and on a loaded machine a 1 s lease
+    # could run out under a slow handler and add a redelivery that is not a retry.
+    run.consumer("c0", poison=poison, max_attempts=MAX_ATTEMPTS, base_delay=BASE_DELAY, lease=30.0)
     result = await run.drain()
 
     history = run.history()

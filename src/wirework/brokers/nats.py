@@ -72,9 +72,9 @@ from wirework.brokers.base import (
 from wirework.brokers.nats_client import (
     STREAM_STORE_FULL,
     Connection,
+    JetStreamRefusedError,
     Lost,
     NotSent,
-    Refused,
     Stored,
 )
 from wirework.brokers.nats_delivery import Group, NatsDelivery
@@ -327,7 +327,7 @@ class NatsBroker(Broker, DeadLetterStore, Inspectable, GroupAdmin):
                 return
             if int(error.get("err_code") or 0) in STREAM_STORE_FULL:
                 raise QueueFullError(f"topic {topic!r} is full on the server: {error}")
-            raise Refused(f"publishing to {topic!r}", error)
+            raise JetStreamRefusedError(f"publishing to {topic!r}", error)
 
     def _unavailable(self, topic: str) -> BrokerUnavailableError:
         return BrokerUnavailableError(
@@ -471,7 +471,7 @@ async def purge_namespace(url: str, namespace: str) -> None:
     try:
         for info in await connection.stream_list(names.everything):
             name = info["config"]["name"]
-            with contextlib.suppress(Refused):
+            with contextlib.suppress(JetStreamRefusedError):
                 await connection.api(f"STREAM.DELETE.{name}", None, what=f"deleting {name}")
     finally:
         await connection.aclose()

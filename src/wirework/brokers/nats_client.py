@@ -44,7 +44,7 @@ class Lost(Exception):
     """The connection dropped while a request was in flight: its outcome is unknown."""
 
 
-class Refused(BrokerError):
+class JetStreamRefusedError(BrokerError):
     """JetStream answered a request with an error (``err_code`` as the server numbers it)."""
 
     def __init__(self, what: str, error: Mapping[str, Any]) -> None:
@@ -323,7 +323,7 @@ class Connection:
         """A JetStream API request (``$JS.API.<subject>``) and its decoded answer.
 
         Raises:
-            Refused: JetStream answered with an error.
+            JetStreamRefusedError: JetStream answered with an error.
             BrokerUnavailableError: no answer.
         """
         payload = b"" if body is None else json.dumps(body).encode()
@@ -331,7 +331,7 @@ class Connection:
             msg = await self.request(f"$JS.API.{subject}", payload)
         answer = json.loads(msg.data)
         if "error" in answer:
-            raise Refused(what, answer["error"])
+            raise JetStreamRefusedError(what, answer["error"])
         return answer
 
     async def direct_get(
@@ -382,7 +382,7 @@ class Connection:
 
     async def delete_message(self, stream: str, seq: int) -> None:
         """Remove one message for good (no tombstone left behind)."""
-        with contextlib.suppress(Refused):  # already gone
+        with contextlib.suppress(JetStreamRefusedError):  # already gone
             await self.api(
                 f"STREAM.MSG.DELETE.{stream}",
                 {"seq": seq, "no_erase": True},
@@ -419,6 +419,6 @@ class Connection:
         name = config["name"]
         try:
             await self.api(f"STREAM.CREATE.{name}", config, what=f"creating stream {name}")
-        except Refused as exc:
+        except JetStreamRefusedError as exc:
             if exc.err_code != STREAM_NAME_IN_USE:
                 raise

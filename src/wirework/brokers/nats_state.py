@@ -32,7 +32,7 @@ from wirework.brokers.nats_client import (
     STREAM_NOT_FOUND,
     WRONG_LAST_SEQUENCE,
     Connection,
-    Refused,
+    JetStreamRefusedError,
     Stored,
 )
 from wirework.brokers.nats_wire import (
@@ -156,14 +156,14 @@ class Stores:
         """Publish to one of these streams and wait for JetStream's ack; its sequence.
 
         Raises:
-            Refused: JetStream refused it (e.g. a failed compare-and-set).
+            JetStreamRefusedError: JetStream refused it (e.g. a failed compare-and-set).
             BrokerUnavailableError: no answer.
         """
         with self.connection.translate(f"storing {subject}"):
             reply = await self.connection.request(subject, payload, headers=headers or None)
         answer = json.loads(reply.data)
         if "error" in answer:
-            raise Refused(f"storing {subject}", answer["error"])
+            raise JetStreamRefusedError(f"storing {subject}", answer["error"])
         return int(answer["seq"])
 
     # -- message state ------------------------------------------------------------------
@@ -203,7 +203,7 @@ class Stores:
                 await self.connection.api(
                     f"STREAM.PURGE.{stream}", {"filter": subject}, what=f"purging {subject}"
                 )
-            except Refused as exc:
+            except JetStreamRefusedError as exc:
                 if exc.err_code != STREAM_NOT_FOUND:
                     raise
 
@@ -229,7 +229,7 @@ class Stores:
             try:
                 await self.store(subject, payload, headers)
                 return
-            except Refused as exc:
+            except JetStreamRefusedError as exc:
                 if exc.err_code != WRONG_LAST_SEQUENCE:
                     raise
             seen = await self.cursor(topic, group, token)

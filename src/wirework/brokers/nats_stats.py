@@ -21,7 +21,7 @@ from collections import Counter
 from typing import Any
 
 from wirework.brokers.base import GroupStats
-from wirework.brokers.nats_client import STREAM_NOT_FOUND, Connection, Refused
+from wirework.brokers.nats_client import STREAM_NOT_FOUND, Connection, JetStreamRefusedError
 from wirework.brokers.nats_state import Stores
 from wirework.brokers.nats_wire import H_NOT_BEFORE, KEEPER, Names, parse_dlq_subject, parse_subject
 from wirework.clock import Clock
@@ -101,7 +101,7 @@ class Stats:
                 {"subjects_filter": self.names.dlq_filter(None, None, None)},
                 what="counting dead letters",
             )
-        except Refused as exc:
+        except JetStreamRefusedError as exc:
             if exc.err_code == STREAM_NOT_FOUND:
                 return counts
             raise

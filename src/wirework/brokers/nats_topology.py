@@ -30,7 +30,7 @@ from wirework.brokers.nats_client import (
     CONSUMER_NOT_FOUND,
     STREAM_NOT_FOUND,
     Connection,
-    Refused,
+    JetStreamRefusedError,
 )
 from wirework.brokers.nats_delivery import Group
 from wirework.brokers.nats_state import Stores
@@ -74,7 +74,7 @@ class Topology:
                 f"STREAM.INFO.{stream}", None, what=f"reading topic {topic!r}"
             )
             consumers = int(info["state"].get("consumer_count", 0))
-        except Refused as exc:
+        except JetStreamRefusedError as exc:
             if exc.err_code != STREAM_NOT_FOUND:
                 raise
             await self.connection.ensure_stream(
@@ -121,7 +121,7 @@ class Topology:
         await self._create_consumer(stream, KEEPER, {"description": "wirework keeper"})
 
     async def _drop_keeper(self, stream: str) -> None:
-        with contextlib.suppress(Refused):
+        with contextlib.suppress(JetStreamRefusedError):
             await self.connection.api(
                 f"CONSUMER.DELETE.{stream}.{KEEPER}", None, what="dropping the keeper"
             )
@@ -131,7 +131,7 @@ class Topology:
             info: dict[str, Any] = await self.connection.api(
                 f"CONSUMER.INFO.{stream}.{name}", None, what=f"reading consumer {name}"
             )
-        except Refused as exc:
+        except JetStreamRefusedError as exc:
             if exc.err_code in (CONSUMER_NOT_FOUND, STREAM_NOT_FOUND):
                 return None
             raise
@@ -141,7 +141,7 @@ class Topology:
         """Names of the stream's consumers; None if there is no such stream."""
         try:
             return [c["name"] for c in await self.connection.consumer_list(stream)]
-        except Refused as exc:
+        except JetStreamRefusedError as exc:
             if exc.err_code == STREAM_NOT_FOUND:
                 return None
             raise
@@ -154,7 +154,7 @@ class Topology:
         """
         try:
             return await self._join(subscription)
-        except Refused as exc:
+        except JetStreamRefusedError as exc:
             if exc.err_code != STREAM_NOT_FOUND:
                 raise
             self.forget(subscription.topic)  # deleted since we created it
@@ -176,12 +176,12 @@ class Topology:
                 config["opt_start_seq"] = int(state["state"]["last_seq"]) + 1
             try:
                 info = await self._create_consumer(stream, name, config)
-            except Refused:
+            except JetStreamRefusedError:
                 info = await self._consumer(stream, name)  # created by someone else meanwhile
                 if info is None:
                     raise
         elif int(info["config"]["ack_wait"]) != lease_ns:
-            with contextlib.suppress(Refused):
+            with contextlib.suppress(JetStreamRefusedError):
                 info = await self._create_consumer(
                     stream, name, {**info["config"], "ack_wait": lease_ns}
                 )
@@ -212,7 +212,7 @@ class Topology:
         last = not (set(consumers) - {consumer, KEEPER})
         if last:
             await self._create_keeper(stream)
-        with contextlib.suppress(Refused):
+        with contextlib.suppress(JetStreamRefusedError):
             await self.connection.api(
                 f"CONSUMER.DELETE.{stream}.{consumer}",
                 None,
@@ -226,7 +226,7 @@ class Topology:
         )
         if int(info["state"]["messages"]) == 0:
             self.forget(topic)
-            with contextlib.suppress(Refused):
+            with contextlib.suppress(JetStreamRefusedError):
                 await self.connection.api(
                     f"STREAM.DELETE.{stream}", None, what=f"deleting topic {topic!r}"
                 )

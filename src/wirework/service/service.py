@@ -85,6 +85,8 @@ class Binding:
     retry: RetryPolicy
     start: Literal["earliest", "latest"]
     consumer: Consumer | None = field(default=None, repr=False)
+    last_stats: ConsumerStats = field(default_factory=ConsumerStats, repr=False)
+    """The counters of the last run, kept after the service stops (final totals)."""
 
     @property
     def name(self) -> str:
@@ -94,7 +96,8 @@ class Binding:
 
     @property
     def stats(self) -> ConsumerStats:
-        return self.consumer.stats if self.consumer is not None else ConsumerStats()
+        """This run's counters while running; the last run's once stopped."""
+        return self.consumer.stats if self.consumer is not None else self.last_stats
 
 
 class Service:
@@ -448,7 +451,12 @@ class Service:
         await self.stop()
 
     async def start(self) -> None:
-        """Open the broker and start every handler's consumer and the reply reader."""
+        """Open the broker, declare every group, and start the consumers and the reply reader.
+
+        The consumers run in a task group entered by the calling task: if one
+        fails for good (a permanent broker error), that task is cancelled and
+        ``stop()`` raises the failure, as ``async with service:`` would.
+        """
         if self._tasks is not None:
             raise ConfigurationError(f"service {self.name!r} is already running")
         broker = self.broker
@@ -498,6 +506,8 @@ class Service:
                 self._tasks = None
                 self._requester = None
                 for binding in self.bindings:
+                    if binding.consumer is not None:
+                        binding.last_stats = binding.consumer.stats
                     binding.consumer = None
                 if self._owns_broker and self._broker is not None:
                     await self._broker.aclose()
