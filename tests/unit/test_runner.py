@@ -32,13 +32,13 @@ from wirework.runner import (
     EXIT_OK,
     HandlerCounts,
     RequestCounts,
-    RestartBackoff,
     Runner,
     Snapshot,
     load_service,
     load_services,
 )
 from wirework.service import Service
+from wirework.supervisor import RestartBackoff
 
 
 class Job(BaseModel):

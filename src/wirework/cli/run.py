@@ -29,11 +29,11 @@ from wirework.runner import (
     COUNTED,
     Runner,
     Snapshot,
-    Supervisor,
     Watch,
     check_brokers,
     load_services,
 )
+from wirework.supervisor import Supervisor
 
 #: Live table refreshes per second.
 REFRESH_PER_SECOND = 4
