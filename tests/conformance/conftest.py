@@ -10,8 +10,6 @@ never pass for a green run.
 from __future__ import annotations
 
 import importlib
-import os
-import socket
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -19,20 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.services import require_service
 from wirework.brokers import connect
 from wirework.testing.conformance import ConformanceTarget, InstanceTarget, UrlTarget
-
-
-def require_service(name: str, host: str, port: int) -> None:
-    """Skip (locally) or fail (``WIREWORK_REQUIRE_SERVICES=1``) unless ``host:port`` answers."""
-    try:
-        with socket.create_connection((host, port), timeout=1.0):
-            return
-    except OSError as exc:
-        reason = f"{name} does not answer on {host}:{port} ({exc}); see shared/services.md"
-        if os.environ.get("WIREWORK_REQUIRE_SERVICES") == "1":
-            pytest.fail(f"{reason}; WIREWORK_REQUIRE_SERVICES=1 needs it", pytrace=False)
-        pytest.skip(reason)
 
 
 @dataclass(frozen=True)

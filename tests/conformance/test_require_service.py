@@ -6,27 +6,20 @@ import socket
 
 import pytest
 
-from tests.conformance.conftest import require_service
-
-
-def closed_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
+from tests.helpers.network import free_port
+from tests.helpers.services import require_service
 
 
 def test_down_service_skips_locally(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("WIREWORK_REQUIRE_SERVICES", raising=False)
     with pytest.raises(pytest.skip.Exception, match="does not answer"):
-        require_service("redis", "127.0.0.1", closed_port())
+        require_service("redis", "127.0.0.1", free_port())
 
 
 def test_down_service_fails_when_required(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WIREWORK_REQUIRE_SERVICES", "1")
     with pytest.raises(pytest.fail.Exception, match="WIREWORK_REQUIRE_SERVICES=1"):
-        require_service("redis", "127.0.0.1", closed_port())
+        require_service("redis", "127.0.0.1", free_port())
 
 
 def test_answering_service_passes() -> None:

@@ -15,79 +15,37 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Literal
 
 import pytest
-from pydantic import BaseModel
 
-from tests.conformance.conftest import require_service
 from tests.helpers.fault_proxy import FaultProxy
+from tests.helpers.network import (
+    DRAIN_TIMEOUT,
+    LEASE,
+    TOPIC,
+    Entry,
+    Ledger,
+    free_port,
+    publish_forever,
+    report,
+)
+from tests.helpers.services import missing, require_service
 from wirework.brokers.base import Subscription
 from wirework.brokers.nats import NatsBroker, NatsSettings, purge_namespace
 from wirework.consumer import Consumer, RetryPolicy, Route
-from wirework.envelope import Envelope, encode_binary
-from wirework.errors import BrokerUnavailableError, PublishOutcomeUnknownError
+from wirework.envelope import Envelope
+from wirework.testing.conformance import wait_until
 
 pytestmark = [pytest.mark.fault, pytest.mark.ext]
 
 SHARED = ("127.0.0.1", 4222)
 NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
-TOPIC = "ledger"
-LEASE = 1.0
-DRAIN_TIMEOUT = 30.0
-
-
-class Entry(BaseModel):
-    id: str
-
-
-@dataclass
-class Ledger:
-    """What the test saw: each publish's outcome, and each id a handler completed."""
-
-    ok: dict[str, float] = field(default_factory=dict)
-    fail: set[str] = field(default_factory=set)
-    info: set[str] = field(default_factory=set)
-    handled: dict[str, int] = field(default_factory=dict)
-
-    def attempted(self) -> set[str]:
-        return set(self.ok) | self.fail | self.info
-
-    def counts(self) -> dict[str, int]:
-        consumed = set(self.handled)
-        return {
-            "attempted": len(self.attempted()),
-            "acked": len(self.ok),
-            "failed": len(self.fail),
-            "unknown": len(self.info),
-            "lost": len(set(self.ok) - consumed),
-            "failed_but_present": len(self.fail & consumed),
-            "unexpected": len(consumed - self.attempted()),
-            "recovered": len(self.info & consumed),
-            "redeliveries": sum(self.handled.values()) - len(consumed),
-        }
-
-
-async def wait_until(
-    predicate: Callable[[], bool | Awaitable[bool]], timeout: float, *, what: str
-) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        outcome = predicate()
-        if not isinstance(outcome, bool):
-            outcome = await outcome
-        if outcome:
-            return
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        await asyncio.sleep(0.02)
 
 
 def settings(namespace: str, on_disconnect: Literal["fail", "wait"]) -> NatsSettings:
@@ -103,16 +61,14 @@ def settings(namespace: str, on_disconnect: Literal["fail", "wait"]) -> NatsSett
 
 
 @contextlib.asynccontextmanager
-async def workload(
-    url: str, ledger: Ledger, options: NatsSettings, *, interval: float = 0.005
-) -> AsyncIterator[Callable[[], None]]:
-    """A publisher and a consumer (each its own connection) on ``url``; yields ``stop``."""
+async def workload(url: str, ledger: Ledger, options: NatsSettings) -> AsyncIterator[None]:
+    """A publisher and a consumer (each its own connection) on ``url``; on leaving, publishing
+    stops and every acked publish is handled."""
     publisher = NatsBroker(url, settings=options)
     consuming = NatsBroker(url, settings=options)
-    stopped = asyncio.Event()
 
     async def handle(entry: Entry, envelope: Envelope) -> None:
-        ledger.handled[entry.id] = ledger.handled.get(entry.id, 0) + 1
+        ledger.consumed[entry.id] += 1
 
     consumer = Consumer(
         consuming,
@@ -121,39 +77,18 @@ async def workload(
         retry=RetryPolicy(max_attempts=100, base_delay=0.05),
         concurrency=4,
     )
-
-    async def publish() -> None:
-        for n in range(1_000_000):
-            if stopped.is_set():
-                return
-            entry_id = f"p-{n}"
-            message = encode_binary(
-                Envelope.new("ledger.entry", Entry(id=entry_id), source="tests", id=entry_id)
-            )
-            try:
-                await publisher.publish(TOPIC, message)
-            except PublishOutcomeUnknownError:
-                ledger.info.add(entry_id)  # sent, then the link broke: maybe stored
-            except BrokerUnavailableError:
-                ledger.fail.add(entry_id)  # the contract: nothing was stored
-            except Exception:
-                ledger.info.add(entry_id)  # unknown outcome, as Jepsen's :info
-            else:
-                ledger.ok[entry_id] = time.monotonic()
-            await asyncio.sleep(interval)
-
     try:
         await consuming.declare_group(consumer.subscription)
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(consumer.run())
-            publishing = tasks.create_task(publish())
-            yield stopped.set
-            stopped.set()
-            await publishing
+            publishing = tasks.create_task(publish_forever(publisher, ledger, "p", interval=0.005))
+            yield
+            publishing.cancel()
+            await asyncio.wait([publishing])
             await wait_until(
-                lambda: set(ledger.ok) <= set(ledger.handled),
+                lambda: ledger.ok.keys() <= ledger.consumed.keys(),
                 DRAIN_TIMEOUT,
-                what=f"every acked publish handled ({ledger.counts()})",
+                what=f"every acked publish handled ({ledger.check()})",
             )
             await consumer.stop(grace=2.0)
     finally:
@@ -162,8 +97,7 @@ async def workload(
 
 
 def check(ledger: Ledger, fault: str) -> None:
-    counts = ledger.counts()
-    print(f"{fault}: {counts}")
+    counts = report(fault, ledger)
     assert counts["lost"] == 0, counts
     assert counts["failed_but_present"] == 0, counts
     assert counts["unexpected"] == 0, counts
@@ -187,7 +121,7 @@ async def test_cut_connections_lose_nothing_and_resume(
     async with FaultProxy(*SHARED) as proxy:
         url = f"nats://127.0.0.1:{proxy.port}"
         async with workload(url, ledger, settings(namespace, on_disconnect)):
-            await wait_until(lambda: len(ledger.handled) >= 50, 20, what="consuming")
+            await wait_until(lambda: len(ledger.consumed) >= 50, 20, what="consuming")
             before = (len(ledger.ok), len(ledger.fail))
             proxy.blackhole = True  # reconnection attempts reach nothing
             proxy.cut()
@@ -206,20 +140,13 @@ async def test_cut_connections_lose_nothing_and_resume(
                 what="publishing again after the heal",
             )
     if on_disconnect == "wait":
-        assert not ledger.fail, f"wait mode failed publishes: {ledger.counts()}"
+        assert not ledger.fail, f"wait mode failed publishes: {ledger.check()}"
     else:
         assert ledger.fail, "no publish failed during the cut"
     check(ledger, f"cut ({on_disconnect})")
 
 
 # -- a private server, killed and started again ---------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class PrivateServer:
@@ -256,10 +183,7 @@ class PrivateServer:
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[PrivateServer]:
     if not os.access(NATS_SERVER, os.X_OK):
-        reason = f"no nats-server binary at {NATS_SERVER}; see shared/services.md"
-        if os.environ.get("WIREWORK_REQUIRE_SERVICES") == "1":
-            pytest.fail(reason, pytrace=False)
-        pytest.skip(reason)
+        missing(f"no nats-server binary at {NATS_SERVER}; see shared/services.md")
     private = PrivateServer(tmp_path / "jetstream")
     await private.start()
     try:
@@ -274,7 +198,7 @@ async def test_server_killed_and_restarted_loses_nothing(server: PrivateServer) 
     ledger = Ledger()
     url = f"nats://127.0.0.1:{server.port}"
     async with workload(url, ledger, settings("wwkill", "fail")):
-        await wait_until(lambda: len(ledger.handled) >= 50, 20, what="consuming")
+        await wait_until(lambda: len(ledger.consumed) >= 50, 20, what="consuming")
         server.kill()
         await wait_until(lambda: len(ledger.fail) >= 20, 10, what="publishes failing")
         await server.start()
@@ -286,6 +210,6 @@ async def test_server_killed_and_restarted_loses_nothing(server: PrivateServer) 
         )
         resumed = {i for i, t in ledger.ok.items() if t > restarted_at}
         await wait_until(
-            lambda: bool(resumed & set(ledger.handled)), 20, what="consuming after the restart"
+            lambda: bool(resumed & ledger.consumed.keys()), 20, what="consuming after the restart"
         )
     check(ledger, "server SIGKILL + restart")

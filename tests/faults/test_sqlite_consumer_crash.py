@@ -8,8 +8,9 @@ import time
 
 import pytest
 
-from tests.helpers.harness import LEASE, SEEDS, FaultRun, Supervisor, Worker, report, wait_until
+from tests.helpers.harness import LEASE, SEEDS, FaultRun, Supervisor, Worker, report
 from wirework.faults import EXIT_CODE
+from wirework.testing.conformance import wait_until
 
 MESSAGES = 120
 PREFETCH = 10

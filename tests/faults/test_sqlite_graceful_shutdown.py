@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from tests.helpers.harness import FaultRun, report, wait_until
+from tests.helpers.harness import FaultRun, report
+from wirework.testing.conformance import wait_until
 
 PREFETCH = 10
 CONCURRENCY = 4

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.harness import FaultRun, report, wait_until
+from tests.helpers.harness import FaultRun, report
 from tests.helpers.ledger_worker import GROUP, TOPIC, item
 from wirework.brokers.base import Delivery, Subscription
 from wirework.brokers.sqlite import SqliteBroker, SqliteSettings
 from wirework.errors import BrokerBusyError
+from wirework.testing.conformance import wait_until
 
 BUSY_TIMEOUT = 1.0
 HOLD = 4.0

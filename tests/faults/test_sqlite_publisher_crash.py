@@ -6,7 +6,8 @@ import random
 
 import pytest
 
-from tests.helpers.harness import SEEDS, FaultRun, report, wait_until
+from tests.helpers.harness import SEEDS, FaultRun, report
+from wirework.testing.conformance import wait_until
 
 TASKS = 4
 

@@ -1,1 +1,2 @@
-"""Helpers shared by the fault tests: ledger workers, process harness, TCP fault proxy."""
+"""Helpers shared by the tests: ledger workers, process harness, TCP fault proxy, the
+client-side ledger workload of the server backends, and the check that a server answers."""

@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from tests.helpers.ledger_worker import GROUP, TOPIC
 from wirework.brokers.base import GroupStats
 from wirework.brokers.sqlite import SqliteBroker
+from wirework.testing.conformance import wait_until
 from wirework.testing.ledger import History, LedgerCheck, drain
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,25 +36,6 @@ DRAIN_TIMEOUT = 45.0
 
 _POLL = 0.02
 _SCRUBBED = ("FAULT_POINT", "FAULT_EVERY")
-
-
-async def wait_until(
-    predicate: Callable[[], bool | Awaitable[bool]],
-    timeout: float,
-    *,
-    what: str,
-) -> None:
-    """Poll ``predicate`` until it holds; fail saying ``what`` did not happen in time."""
-    deadline = time.monotonic() + timeout
-    while True:
-        outcome = predicate()
-        if inspect.isawaitable(outcome):
-            outcome = await outcome
-        if outcome:
-            return
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        await asyncio.sleep(_POLL)
 
 
 class Worker:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conformance.conftest import require_service
+from tests.helpers.services import require_service
 
 ROOT = Path(__file__).resolve().parents[2]
 

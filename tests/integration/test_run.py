@@ -9,7 +9,6 @@ when a test fails.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import re
@@ -27,6 +26,7 @@ from pydantic import BaseModel
 
 from wirework.brokers import Inspectable, connect
 from wirework.service import Service
+from wirework.testing.conformance import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVICES = "tests.integration.run_services"
@@ -61,8 +61,17 @@ class Run:
         return time.monotonic()
 
     async def exited(self, limit: float) -> int:
-        await wait_until(lambda: self.process.poll() is not None, limit, what="exit", run=self)
+        await self.wait_until(lambda: self.process.poll() is not None, limit, what="exit")
         return self.process.returncode
+
+    async def wait_until(
+        self, predicate: Callable[[], bool | Awaitable[bool]], limit: float, *, what: str
+    ) -> None:
+        """``wait_until`` whose failure shows this process's output."""
+        try:
+            await wait_until(predicate, limit, what=what)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- output ---\n{self.output}") from None
 
 
 class Launcher:
@@ -153,27 +162,6 @@ def launch(tmp_path: Path) -> Iterator[Launcher]:
         launcher.close()
 
 
-async def wait_until(
-    predicate: Callable[[], bool | Awaitable[bool]],
-    limit: float,
-    *,
-    what: str,
-    run: Run | None = None,
-) -> None:
-    """Poll ``predicate``; fail saying what did not happen, with the process's output."""
-    deadline = time.monotonic() + limit
-    while True:
-        outcome = predicate()
-        if not isinstance(outcome, bool):
-            outcome = await outcome
-        if outcome:
-            return
-        if time.monotonic() >= deadline:
-            output = f"\n--- output ---\n{run.output}" if run is not None else ""
-            raise AssertionError(f"{what}: not within {limit} s{output}")
-        await asyncio.sleep(0.02)
-
-
 @pytest.mark.parametrize(
     "grace",
     [pytest.param(2.0, id="finish-in-grace"), pytest.param(0.1, id="hand-back-after-grace")],
@@ -183,9 +171,9 @@ async def test_sigterm_under_load_exits_0_in_time_and_loses_nothing(
 ) -> None:
     """SIGTERM mid-load exits 0 within grace + 1 s; a second run handles every remaining job."""
     first = launch.start("--grace", str(grace), JOBS, AUDIT)
-    await wait_until(lambda: launch.groups_exist("jobs", "run-audit"), 20, what="groups", run=first)
+    await first.wait_until(lambda: launch.groups_exist("jobs", "run-audit"), 20, what="groups")
     await launch.publish(100)
-    await wait_until(lambda: len(launch.ids()) >= 16, 20, what="load", run=first)
+    await first.wait_until(lambda: len(launch.ids()) >= 16, 20, what="load")
 
     sent = first.terminate()
     code = await first.exited(grace + 5)
@@ -201,7 +189,7 @@ async def test_sigterm_under_load_exits_0_in_time_and_loses_nothing(
         assert cancelled is not None, f"no handler was running at SIGTERM\n{first.output}"
 
     second = launch.start("--grace", str(grace), JOBS, AUDIT)
-    await wait_until(lambda: set(launch.ids()) >= set(range(100)), 30, what="drain", run=second)
+    await second.wait_until(lambda: set(launch.ids()) >= set(range(100)), 30, what="drain")
     second.terminate()
     assert await second.exited(grace + 5) == 0, second.output
 
@@ -217,9 +205,9 @@ async def test_a_second_sigterm_forces_the_stop_with_exit_130(launch: Launcher) 
     await launch.publish(20)
     run = launch.start("--grace", "30", JOBS, sleep=60)
     in_flight = re.compile(r"in_flight=[1-9]")
-    await wait_until(lambda: bool(in_flight.search(run.output)), 20, what="busy", run=run)
+    await run.wait_until(lambda: bool(in_flight.search(run.output)), 20, what="busy")
     sent = run.terminate()
-    await wait_until(lambda: "stopping 1 service(s)" in run.output, 5, what="stopping", run=run)
+    await run.wait_until(lambda: "stopping 1 service(s)" in run.output, 5, what="stopping")
     run.terminate()
     assert await run.exited(5) == 130, run.output
     assert time.monotonic() - sent < 5.0
@@ -231,7 +219,7 @@ async def test_two_workers_share_the_work_and_stop_cleanly(launch: Launcher) -> 
     """With --workers 2 both worker processes take jobs, and SIGTERM stops all with exit 0."""
     await launch.publish(60)
     parent = launch.start("--workers", "2", "--grace", "2", JOBS)
-    await wait_until(lambda: len(launch.pids()) >= 2, 20, what="both workers busy", run=parent)
+    await parent.wait_until(lambda: len(launch.pids()) >= 2, 20, what="both workers busy")
 
     parent.terminate()
     assert await parent.exited(2 + KILL_MARGIN + 1) == 0, parent.output
@@ -245,13 +233,13 @@ async def test_a_killed_worker_is_reported_and_replaced(launch: Launcher) -> Non
     """A worker killed with SIGKILL is logged loudly and restarted, and the new one takes jobs."""
     await launch.publish(300)
     parent = launch.start("--workers", "2", "--grace", "1", JOBS)
-    await wait_until(lambda: len(launch.pids()) >= 2, 20, what="both workers busy", run=parent)
+    await parent.wait_until(lambda: len(launch.pids()) >= 2, 20, what="both workers busy")
     victim = min(launch.pids())
     os.kill(victim, signal.SIGKILL)
 
-    await wait_until(lambda: "WORKER DIED" in parent.output, 10, what="death", run=parent)
+    await parent.wait_until(lambda: "WORKER DIED" in parent.output, 10, what="death")
     assert f"(pid {victim}) was killed by SIGKILL" in parent.output
-    await wait_until(lambda: len(launch.pids()) >= 3, 20, what="replacement busy", run=parent)
+    await parent.wait_until(lambda: len(launch.pids()) >= 3, 20, what="replacement busy")
 
     parent.terminate()
     assert await parent.exited(1 + KILL_MARGIN + 1) == 0, parent.output
@@ -263,7 +251,7 @@ async def test_workers_stop_by_themselves_when_the_supervisor_is_killed(
     """Workers whose supervisor died of SIGKILL notice and stop, instead of running unwatched."""
     await launch.publish(100)
     parent = launch.start("--workers", "2", "--grace", "1", JOBS)
-    await wait_until(lambda: len(launch.pids()) >= 2, 20, what="both workers busy", run=parent)
+    await parent.wait_until(lambda: len(launch.pids()) >= 2, 20, what="both workers busy")
     workers = [psutil.Process(pid) for pid in launch.pids()]
     parent.process.kill()
 
@@ -273,7 +261,7 @@ async def test_workers_stop_by_themselves_when_the_supervisor_is_killed(
         except psutil.NoSuchProcess:
             return True
 
-    await wait_until(lambda: all(map(ended, workers)), 1 + 3, what="workers ended", run=parent)
+    await parent.wait_until(lambda: all(map(ended, workers)), 1 + 3, what="workers ended")
     assert parent.output.count("is gone; stopping this worker") == 2, parent.output
     assert parent.output.count("all services stopped (exit 0)") == 2, parent.output
 
@@ -312,11 +300,11 @@ def test_a_bad_target_is_one_line_saying_what_to_fix(
 async def test_plain_output_has_start_summary_and_stop_lines(launch: Launcher) -> None:
     """Without a terminal the output is log lines: start, counts while working, stop with totals."""
     run = launch.start(JOBS, AUDIT)
-    await wait_until(lambda: launch.groups_exist("jobs", "run-audit"), 20, what="groups", run=run)
+    await run.wait_until(lambda: launch.groups_exist("jobs", "run-audit"), 20, what="groups")
     await launch.publish(3)
     summary = re.compile(r"run-jobs: handled=\d+ failed=0 retried=0 dead_lettered=0 in_flight=\d+")
-    await wait_until(lambda: len(launch.ids()) == 3, 20, what="3 jobs handled", run=run)
-    await wait_until(lambda: bool(summary.search(run.output)), 10, what="summary", run=run)
+    await run.wait_until(lambda: len(launch.ids()) == 3, 20, what="3 jobs handled")
+    await run.wait_until(lambda: bool(summary.search(run.output)), 10, what="summary")
 
     run.terminate()
     assert await run.exited(6) == 0, run.output

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from wirework.brokers import connect
 from wirework.brokers.sqlite import SqliteBroker
 from wirework.envelope import Envelope, encode_binary
+from wirework.testing.conformance import wait_until
 
 WORKER = Path(__file__).with_name("sqlite_worker.py")
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,13 +77,6 @@ def read_ids(path: Path) -> list[int]:
     return [int(line) for line in path.read_text().split()]
 
 
-async def wait_until(predicate: Callable[[], bool], limit: float) -> None:
-    deadline = time.monotonic() + limit
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached before the deadline"
-        await asyncio.sleep(0.02)
-
-
 async def publish(db: Path, topic: str, numbers: range) -> None:
     async with connect(f"sqlite:///{db}") as broker:
         for n in numbers:
@@ -98,8 +92,8 @@ async def test_competing_consumers_and_fan_out_across_processes(
     workers.start("jobs", "pool", b)
     workers.start("jobs", "audit", c)
     await publish(workers.db, "jobs", range(300))
-    await wait_until(lambda: len(read_ids(a)) + len(read_ids(b)) >= 300, 30)
-    await wait_until(lambda: len(read_ids(c)) >= 300, 30)
+    await wait_until(lambda: len(read_ids(a)) + len(read_ids(b)) >= 300, 30, what="pool: 300")
+    await wait_until(lambda: len(read_ids(c)) >= 300, 30, what="audit: 300")
     pool = Counter(read_ids(a) + read_ids(b))
     assert set(pool) == set(range(300))
     assert max(pool.values()) == 1, "a message was handled twice inside one group"
@@ -116,7 +110,7 @@ async def test_doorbell_wakes_an_idle_consumer_in_another_process(
     workers.start("pings", "idle", out, poll=30.0)
     started = time.monotonic()
     await publish(workers.db, "pings", range(1))
-    await wait_until(lambda: read_ids(out) == [0], 10)
+    await wait_until(lambda: read_ids(out) == [0], 10, what="the idle consumer woken")
     assert time.monotonic() - started < 10  # far below the 30 s poll: the doorbell rang
 
 

@@ -12,7 +12,6 @@ import io
 import random
 import sys
 import textwrap
-import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -39,6 +38,7 @@ from wirework.runner import (
 )
 from wirework.service import Service
 from wirework.supervisor import RestartBackoff
+from wirework.testing.conformance import wait_until
 
 
 class Job(BaseModel):
@@ -206,13 +206,6 @@ def jobs_service(broker: Broker, handle: Callable[[int], Awaitable[None]]) -> Se
         await handle(job.n)
 
     return service
-
-
-async def wait_until(predicate: Callable[[], bool], limit: float = 5.0) -> None:
-    deadline = time.monotonic() + limit
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached before the deadline"
-        await asyncio.sleep(0.005)
 
 
 async def test_a_graceful_stop_finishes_in_flight_work_and_keeps_the_totals(
