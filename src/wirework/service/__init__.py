@@ -13,9 +13,9 @@
         await ctx.publish("inventory.events", StockChanged(...))
 """
 
+from wirework.service.binding import Binding as Binding
 from wirework.service.context import Context as Context
 from wirework.service.handlers import event_type as event_type
-from wirework.service.service import Binding as Binding
 from wirework.service.service import Service as Service
 
 __all__ = ["Binding", "Context", "Service", "event_type"]

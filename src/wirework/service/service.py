@@ -13,7 +13,6 @@ import logging
 import os
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import timedelta
 from types import TracebackType
 from typing import Any, Literal, Self, TypeVar, overload
@@ -35,7 +34,6 @@ from wirework.clock import SYSTEM_CLOCK, Clock
 from wirework.consumer import (
     ConsumeMiddleware,
     Consumer,
-    ConsumerStats,
     Incoming,
     RetryPolicy,
     Route,
@@ -48,6 +46,7 @@ from wirework.errors import (
     Expired,
     HandlerSignal,
 )
+from wirework.service.binding import Binding, Kind, Publish, PublishMiddleware
 from wirework.service.context import Context
 from wirework.service.handlers import HandlerSpec, event_type, inspect_handler
 from wirework.service.requests import (
@@ -63,41 +62,6 @@ log = logging.getLogger("wirework.service")
 
 M = TypeVar("M", bound=BaseModel)
 H = TypeVar("H", bound=Callable[..., Awaitable[Any]])
-
-Publish = Callable[[str, Envelope, "str | None", float], Awaitable[None]]
-PublishMiddleware = Callable[[Publish], Publish]
-"""Wraps the publish path: ``(topic, envelope, key, delay)``; capture, trace, outbox."""
-
-Kind = Literal["consume", "subscribe", "respond"]
-
-
-@dataclass
-class Binding:
-    """One decorated handler and where it listens."""
-
-    kind: Kind
-    topic: str
-    group: str
-    spec: HandlerSpec
-    concurrency: int
-    prefetch: int
-    lease_timeout: float
-    retry: RetryPolicy
-    start: Literal["earliest", "latest"]
-    consumer: Consumer | None = field(default=None, repr=False)
-    last_stats: ConsumerStats = field(default_factory=ConsumerStats, repr=False)
-    """The counters of the last run, kept after the service stops (final totals)."""
-
-    @property
-    def name(self) -> str:
-        return f"{self.kind} {self.topic}" + (
-            f" [{self.group}]" if self.group != self.topic else ""
-        )
-
-    @property
-    def stats(self) -> ConsumerStats:
-        """This run's counters while running; the last run's once stopped."""
-        return self.consumer.stats if self.consumer is not None else self.last_stats
 
 
 class Service:

@@ -37,8 +37,9 @@ from wirework.clock import ManualClock
 from wirework.consumer import current_incoming
 from wirework.envelope import Envelope
 from wirework.errors import ConfigurationError, WireworkError
+from wirework.service.binding import Publish
 from wirework.service.handlers import event_type
-from wirework.service.service import Publish, Service
+from wirework.service.service import Service
 
 M = TypeVar("M", bound=BaseModel)
 
