@@ -1,8 +1,15 @@
-"""``python -m bench [--quick] [--only 1,4] [--repeat 3]``: SQLite broker figures beside floors."""
+"""``python -m bench [--suite sqlite|service|backends|all] [--quick] [--only 1,4] [--repeat 3]``.
+
+Suites: ``sqlite`` (workloads 1-6: the SQLite broker beside raw-sqlite3 floors),
+``service`` (7-8: what Service adds over a Consumer; request-reply on memory://
+and SQLite), ``backends`` (9-10: Redis, RabbitMQ, NATS beside their raw clients
+and FastStream; ``--servers`` picks some).
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import os
 import platform
@@ -16,10 +23,11 @@ from pathlib import Path
 
 import psutil
 
-from bench import floor, idle, probe, throughput
+from bench import backends, floor, idle, probe, request_reply, service_overhead, throughput
 from bench.payload import CONCURRENCY, PREFETCH, PUBLISH_WINDOW, PUBLISHERS, make_messages
 from bench.plan import FULL, QUICK, Sizes
 from bench.report import Figure, summary, table
+from bench.servers import SERVERS, server_versions
 
 WORKLOADS: dict[str, tuple[str, Callable[[Sizes], list[Figure]]]] = {
     "1": ("publish, consume, ack: one producer", throughput.one_producer),
@@ -28,19 +36,36 @@ WORKLOADS: dict[str, tuple[str, Callable[[Sizes], list[Figure]]]] = {
     "4": ("idle latency", idle.latency),
     "5": ("idle consumer CPU", idle.idle_cpu),
     "6": ("backlog drain", throughput.backlog),
+    "7": ("Service vs raw Consumer: drain a backlog", service_overhead.overhead),
+    "8": ("request-reply, responder in this process", request_reply.in_process),
+    "9": (
+        "server backends: publish, consume, ack beside the raw client and FastStream",
+        backends.throughputs,
+    ),
+    "10": ("server backends: request-reply, responder in another process", request_reply.servers),
+}
+
+#: Suites by name: their title in the output and their workloads.
+SUITES: dict[str, tuple[str, list[str]]] = {
+    "sqlite": ("SQLite broker", ["1", "2", "3", "4", "5", "6"]),
+    "service": ("Service", ["7", "8"]),
+    "backends": ("server backends", ["9", "10"]),
 }
 
 
-def preamble(sizes: Sizes, quick: bool) -> str:
+def preamble(sizes: Sizes, quick: bool, suites: list[str]) -> str:
     size = make_messages(1)[0].size
     runs = f"median of {sizes.repeat} runs" if sizes.repeat > 1 else "one run each"
-    return "\n".join(
-        [
-            f"wirework bench: SQLite broker{' (--quick)' if quick else ''}",
-            f"python {platform.python_version()}, sqlite {sqlite3.sqlite_version}, "
-            f"{os.cpu_count()} CPUs, {platform.platform()}",
-            f"messages: CloudEvents in binary mode, {size:,} bytes on the wire (headers + body), "
-            f"built before the clock starts",
+    titles = ", ".join(SUITES[suite][0] for suite in suites)
+    lines = [
+        f"wirework bench: {titles}{' (--quick)' if quick else ''}",
+        f"python {platform.python_version()}, sqlite {sqlite3.sqlite_version}, "
+        f"{os.cpu_count()} CPUs, {platform.platform()}",
+        f"messages: CloudEvents in binary mode, {size:,} bytes on the wire (headers + body), "
+        f"built before the clock starts",
+    ]
+    if "sqlite" in suites:
+        lines += [
             f"consumer: wirework.consumer.Consumer, concurrency {CONCURRENCY}, prefetch "
             f"{PREFETCH}, a handler that only counts; the Consumer decodes every message",
             f"producers: 'window 100' = one task with {PUBLISH_WINDOW} publishes in flight "
@@ -55,7 +80,14 @@ def preamble(sizes: Sizes, quick: bool) -> str:
             "UPDATE + body SELECT; ack: delivery DELETE + refs UPDATE + message DELETE), same "
             "pragmas, claims of the broker's average size, as many commits as the broker made",
         ]
-    )
+    if "backends" in suites:
+        found = asyncio.run(server_versions())
+        versions = ", ".join(found.get(name, f"{SERVERS[name].label} ?") for name in sizes.servers)
+        lines.append(
+            f"servers: {versions}; each workload runs in a namespace of its own "
+            f"(wwbench-<random>), purged afterwards"
+        )
+    return "\n".join(lines)
 
 
 def machine() -> str:
@@ -81,37 +113,82 @@ def _terminated(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="reduced sizes, under a minute")
-    parser.add_argument(
-        "--only", default=",".join(WORKLOADS), help="workloads to run, e.g. 1,4 (default: all)"
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--repeat", type=int, default=1, help="runs of each throughput case in 1-3 (median shown)"
+        "--suite",
+        choices=[*SUITES, "all"],
+        default="all",
+        help="which workloads to run (default: all)",
+    )
+    parser.add_argument("--quick", action="store_true", help="reduced sizes, about a minute")
+    parser.add_argument(
+        "--only", default=None, help="workloads to run, e.g. 1,4 (default: the suite's)"
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs of each throughput case in 1-3 and 9 (median shown)",
+    )
+    parser.add_argument(
+        "--servers",
+        default=",".join(SERVERS),
+        help="server backends for workloads 9-10 (default: redis,rabbitmq,nats)",
     )
     args = parser.parse_args(argv)
-    chosen = [number.strip() for number in args.only.split(",") if number.strip()]
-    unknown = [number for number in chosen if number not in WORKLOADS]
+    suites = list(SUITES) if args.suite == "all" else [args.suite]
+    allowed = [number for suite in suites for number in SUITES[suite][1]]
+    chosen = allowed
+    if args.only is not None:
+        chosen = [number.strip() for number in args.only.split(",") if number.strip()]
+    unknown = [number for number in chosen if number not in allowed]
     if unknown:
-        parser.error(f"unknown workload {', '.join(unknown)}; choose from {', '.join(WORKLOADS)}")
+        parser.error(
+            f"unknown workload {', '.join(unknown)} for --suite {args.suite}; "
+            f"choose from {', '.join(allowed)}"
+        )
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
+    servers = tuple(name.strip() for name in args.servers.split(",") if name.strip())
+    if not servers or any(name not in SERVERS for name in servers):
+        parser.error(f"--servers takes some of {', '.join(SERVERS)}")
     signal.signal(signal.SIGTERM, _terminated)
-    sizes = dataclasses.replace(QUICK if args.quick else FULL, repeat=args.repeat)
-    print(preamble(sizes, args.quick), flush=True)
+    sizes = dataclasses.replace(QUICK if args.quick else FULL, repeat=args.repeat, servers=servers)
+    suites = [suite for suite in suites if set(SUITES[suite][1]) & set(chosen)]
+    print(preamble(sizes, args.quick, suites), flush=True)
     print(f"machine at the start: {machine()}", flush=True)
     started = time.perf_counter()
-    figures: list[Figure] = []
-    for number in chosen:
-        title, run = WORKLOADS[number]
-        print(f"\nworkload {number}: {title}", flush=True)
-        figures += run(sizes)
+    figures: dict[str, list[Figure]] = {suite: [] for suite in suites}
+    for suite in suites:
+        for number in SUITES[suite][1]:
+            if number not in chosen:
+                continue
+            title, run = WORKLOADS[number]
+            print(f"\nworkload {number}: {title}", flush=True)
+            figures[suite] += run(sizes)
     print(f"\nmachine at the end: {machine()}")
-    print(f"\nresults ({time.perf_counter() - started:.0f} s)\n")
-    print(table(figures))
-    print(f"\n{summary(figures)}")
+    print(f"\nresults ({time.perf_counter() - started:.0f} s)")
+    for suite in suites:
+        if figures[suite]:
+            print(f"\n{SUITES[suite][0]}\n")
+            print(table(figures[suite]))
+    every = [figure for suite in suites for figure in figures[suite]]
+    print(f"\n{summary(every)}")
     return 0
 
 
+def run(argv: list[str] | None = None) -> int:
+    """``main``, with an interruption (Ctrl-C, SIGTERM) reported in one line once cleanup ran."""
+    try:
+        return main(argv)
+    except KeyboardInterrupt as exc:
+        print(f"\ninterrupted ({exc or 'Ctrl-C'}); children stopped, namespaces purged", flush=True)
+        return 130
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

@@ -18,10 +18,31 @@ class Sizes:
     backlog: int
     repeat: int = 1
     """Runs of each throughput case (1-3); the median one is reported with its own floor."""
+    service_messages: int = 20_000
+    """Backlog each side drains in the Service-overhead workload."""
+    requests: int = 1_000
+    """Requests sent one after another in each request-reply case."""
+    concurrent_requests: int = 5_000
+    """Requests sent with ``IN_FLIGHT`` of them outstanding in each request-reply case."""
+    backend_messages: int = 20_000
+    """Messages per side and producer shape on each server backend."""
+    servers: tuple[str, ...] = ("redis", "rabbitmq", "nats")
+    """Server backends the backend workloads run on (``bench.servers.SERVERS`` keys)."""
 
 
 FULL = Sizes(20_000, 5_000, 300, 0.01, 10.0, 100_000)
-QUICK = Sizes(2_000, 1_000, 50, 0.01, 3.0, 10_000)
+QUICK = Sizes(
+    2_000,
+    1_000,
+    50,
+    0.01,
+    3.0,
+    10_000,
+    service_messages=2_000,
+    requests=200,
+    concurrent_requests=1_000,
+    backend_messages=2_000,
+)
 
 
 def scratch() -> tempfile.TemporaryDirectory[str]:
@@ -32,5 +53,9 @@ def scratch() -> tempfile.TemporaryDirectory[str]:
 def progress(figure: Figure) -> None:
     """One line as soon as a figure is known, so a long run shows where it is."""
     value = format_value(figure.value, figure.unit)
-    against = "" if figure.floor is None else f" (floor {format_value(figure.floor, figure.unit)})"
+    against = ""
+    if figure.floor is not None:
+        against = f" ({figure.floor_name} {format_value(figure.floor, figure.unit)})"
+    if figure.peer is not None:
+        against += f" ({figure.peer_name} {format_value(figure.peer, figure.unit)})"
     print(f"  {figure.key:<3} {figure.title}: {value}{against}", flush=True)

@@ -1,0 +1,206 @@
+"""Workloads 8 and 10: request-reply round trips through ``Service.request``.
+
+8: memory:// and SQLite, responder and caller in this process, on one broker.
+10: each server backend, the responder in a ``bench.responder`` child, beside
+the hand-written round trip of the server's raw client (``bench.raw_rpc``).
+
+Each case sends ``requests`` requests one after another (p50, p99), then
+``concurrent_requests`` with ``IN_FLIGHT`` outstanding (p50, p99, requests/s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+from bench import raw_rpc
+from bench.flow import IN_FLIGHT, SUBJECT, Answer, Ask, Call, RoundTrips, in_flight, one_by_one
+from bench.payload import CONCURRENCY, PREFETCH
+from bench.plan import Sizes, progress, scratch
+from bench.report import Figure
+from bench.servers import SERVERS, Server, new_namespace, purge
+from bench.sqlite_procs import ROOT, Worker
+from wirework.brokers import connect
+from wirework.brokers.base import Broker
+from wirework.service import Service
+
+#: Seconds one request may take before the run counts as broken.
+TIMEOUT = 30.0
+
+#: The largest p50 round trip allowed, as a multiple of the raw client's.
+MAX_RAW_RATIO = 1.5
+
+
+@contextlib.asynccontextmanager
+async def wirework_caller(broker: Broker) -> AsyncIterator[Call]:
+    """``Service.request`` on a running caller service: the public API, nothing bypassed."""
+    caller = Service("bench-caller", broker=broker)
+
+    async def call(n: int) -> None:
+        answer = await caller.request(SUBJECT, Ask(n=n), returns=Answer, timeout=TIMEOUT)
+        raw_rpc.check(answer, n)
+
+    async with caller:
+        yield call
+
+
+@contextlib.asynccontextmanager
+async def responding(broker: Broker) -> AsyncIterator[None]:
+    """The responder of workload 8: a ``Service`` in this process, on the same broker."""
+    service = Service("bench-responder", broker=broker)
+
+    @service.respond(SUBJECT, concurrency=CONCURRENCY, prefetch=PREFETCH)
+    async def answer(ask: Ask) -> Answer:
+        return Answer(n=ask.n)
+
+    async with service:
+        yield
+
+
+async def measure(call: Call, sizes: Sizes) -> tuple[RoundTrips, RoundTrips]:
+    return await one_by_one(call, sizes.requests), await in_flight(call, sizes.concurrent_requests)
+
+
+def describe(sizes: Sizes) -> list[str]:
+    return [
+        f"request-reply: {sizes.requests:,} requests one after another, then "
+        f"{sizes.concurrent_requests:,} from {IN_FLIGHT} tasks ({IN_FLIGHT} in flight); "
+        f"time from the request() call to the parsed answer; 5 warm-up requests first",
+        f"wirework: Service.request (reply topic per caller instance) against "
+        f"@svc.respond(concurrency {CONCURRENCY}, prefetch {PREFETCH}); request and reply "
+        f"are CloudEvents, each a durable publish, consumed and acked",
+    ]
+
+
+def figures(
+    letters: Iterator[str], where: str, wirework: tuple[RoundTrips, RoundTrips]
+) -> list[Figure]:
+    """The five figures of one case (p50, p99 one at a time; p50, p99, rate in flight)."""
+    one, many = wirework
+    found = [
+        Figure(next(letters), f"{where}, one at a time, p50", 1000 * one.p50, "ms"),
+        Figure(next(letters), f"{where}, one at a time, p99", 1000 * one.p99, "ms"),
+        Figure(next(letters), f"{where}, {IN_FLIGHT} in flight, p50", 1000 * many.p50, "ms"),
+        Figure(next(letters), f"{where}, {IN_FLIGHT} in flight, p99", 1000 * many.p99, "ms"),
+        Figure(next(letters), f"{where}, {IN_FLIGHT} in flight, rate", many.rate, "req/s"),
+    ]
+    for figure in found:
+        figure.higher_is_better = figure.unit != "ms"
+    return found
+
+
+def in_process(sizes: Sizes) -> list[Figure]:
+    """Workload 8: memory:// and SQLite (strict, the default), both services in this process."""
+    letters = iter("abcdefghij")
+    found: list[Figure] = []
+    with scratch() as tmp:
+        for label, url in (
+            ("memory://", "memory://"),
+            ("sqlite (strict)", f"sqlite:///{Path(tmp) / 'rr.db'}"),
+        ):
+
+            async def run(url: str = url) -> tuple[RoundTrips, RoundTrips]:
+                async with (
+                    connect(url) as broker,
+                    responding(broker),
+                    wirework_caller(broker) as call,
+                ):
+                    return await measure(call, sizes)
+
+            case = figures(letters, label, asyncio.run(run()))
+            for figure in case:
+                figure.key = f"8{figure.key}"
+                progress(figure)
+            found += case
+    found[0].notes = [*describe(sizes), "responder and caller: two Services on one broker object"]
+    return found
+
+
+@contextlib.asynccontextmanager
+async def responder(side: str, server: Server, namespace: str) -> AsyncIterator[Worker]:
+    """A started ``bench.responder`` child that said ``ready``; killed and reaped on the way out."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench.responder",
+        "--side",
+        side,
+        "--server",
+        server.name,
+        "--namespace",
+        namespace,
+        cwd=ROOT,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    child = Worker(process)
+    try:
+        await child.expect("ready")
+        yield child
+    finally:
+        await child.close()
+
+
+async def across(server: Server, namespace: str, sizes: Sizes, side: str) -> tuple[RoundTrips, ...]:
+    """One side's round trips on ``server``, its responder in a child process."""
+    async with responder(side, server, namespace) as child:
+        if side == "wirework":
+            async with server.broker(namespace) as broker, wirework_caller(broker) as call:
+                result = await measure(call, sizes)
+        else:
+            async with raw_rpc.CALLERS[server.name](server.url, namespace) as call:
+                result = await measure(call, sizes)
+        done = await child.stop()
+    expected = sizes.requests + sizes.concurrent_requests + 5
+    if int(done["answered"]) < expected:
+        raise RuntimeError(f"the {side} responder answered {done['answered']} of {expected}")
+    return result
+
+
+def servers(sizes: Sizes) -> list[Figure]:
+    """Workload 10: each server backend, responder in another process, beside the raw client."""
+    found: list[Figure] = []
+    for index, name in enumerate(SERVERS):
+        server = SERVERS[name]
+        if name not in sizes.servers:
+            continue
+        reason = server.unreachable()
+        if reason is not None:
+            print(f"  skipped {server.label}: {reason}", flush=True)
+            continue
+        namespace = new_namespace()
+        print(f"  {server.label}: namespace {namespace}", flush=True)
+        try:
+            wirework = asyncio.run(across(server, namespace, sizes, "wirework"))
+            raw = asyncio.run(across(server, namespace, sizes, "raw"))
+        finally:
+            asyncio.run(purge(server, namespace))
+        letters = iter("abcdefghijklmno"[index * 5 : index * 5 + 5])
+        case = figures(letters, server.label, (wirework[0], wirework[1]))
+        references = [raw[0].p50, raw[0].p99, raw[1].p50, raw[1].p99]
+        for figure, reference in zip(
+            case, [*(1000 * r for r in references), raw[1].rate], strict=True
+        ):
+            figure.key = f"10{figure.key}"
+            figure.floor = reference
+            figure.floor_name = "raw"
+        case[0].max_ratio = MAX_RAW_RATIO
+        case[0].notes = [RAW_SIDES[name]]
+        for figure in case:
+            progress(figure)
+        found += case
+    if found:
+        found[0].notes = [*describe(sizes), "responder in a child process", *found[0].notes]
+    return found
+
+
+RAW_SIDES = {
+    "redis": "raw: redis-py XADD to a request stream, the responder's blocking XREAD, XADD to "
+    "the caller's reply stream, the caller's blocking XREAD (no group, no acks)",
+    "rabbitmq": "raw: aio-pika, request persistent + confirmed into a durable quorum queue, "
+    "consumed with manual ack, answered through direct reply-to (not persisted)",
+    "nats": "raw: nats-py core request-reply (nc.request / msg.respond), nothing stored",
+}

@@ -1,0 +1,59 @@
+"""A responder process for the request-reply workloads: ``python -m bench.responder``.
+
+``--side wirework`` runs a ``Service`` with one ``@svc.respond`` handler on the
+server backend, in the run's namespace; ``--side raw`` runs the hand-written
+responder of ``bench.raw_rpc``. It talks to its parent as ``bench.worker``
+does: ``{"event": "ready"}`` once it answers requests, then ``stop`` (or the
+end of stdin) ends it with ``{"event": "done", "answered": n}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from bench import raw_rpc
+from bench.flow import SUBJECT, Answer, Ask
+from bench.payload import CONCURRENCY, PREFETCH
+from bench.servers import SERVERS, Server
+from bench.worker import emit, read_command
+from wirework.service import Service
+
+
+async def wirework(server: Server, namespace: str) -> int:
+    answered = 0
+    broker = server.broker(namespace)
+    service = Service("bench-responder", broker=broker)
+
+    @service.respond(SUBJECT, concurrency=CONCURRENCY, prefetch=PREFETCH)
+    async def answer(ask: Ask) -> Answer:
+        nonlocal answered
+        answered += 1
+        return Answer(n=ask.n)
+
+    async with broker, service:
+        emit(event="ready")
+        await read_command()
+    return answered
+
+
+async def raw(server: Server, namespace: str) -> int:
+    async with raw_rpc.RESPONDERS[server.name](server.url, namespace) as answered:
+        emit(event="ready")
+        await read_command()
+        return answered()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.responder", description=__doc__)
+    parser.add_argument("--side", choices=("wirework", "raw"), required=True)
+    parser.add_argument("--server", choices=sorted(SERVERS), required=True)
+    parser.add_argument("--namespace", required=True)
+    args = parser.parse_args()
+    serve = wirework if args.side == "wirework" else raw
+    answered = asyncio.run(serve(SERVERS[args.server], args.namespace))
+    emit(event="done", answered=answered)
+
+
+if __name__ == "__main__":
+    main()
