@@ -11,7 +11,7 @@ import heapq
 import itertools
 import time
 from datetime import UTC, datetime, timedelta
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 
 @runtime_checkable
@@ -45,6 +45,25 @@ class SystemClock:
 
 
 SYSTEM_CLOCK = SystemClock()
+
+
+async def wait_first(*events: asyncio.Event, clock: Clock, pause: float | None) -> None:
+    """Return when any of ``events`` is set or ``pause`` seconds pass on ``clock``.
+
+    The clock's own sleep is raced against the events (not a loop timeout), so
+    a ``ManualClock`` wakes the waiter when a test advances it. Every wait
+    belongs to this call and is cancelled before it returns. Not a
+    ``TaskGroup``: on Python 3.11 one whose child ends in the same step as the
+    caller is cancelled swallows that cancellation.
+    """
+    waits: set[asyncio.Future[Any]] = {asyncio.ensure_future(event.wait()) for event in events}
+    if pause is not None:
+        waits.add(asyncio.ensure_future(clock.sleep(pause)))
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waits:
+            waiter.cancel()
 
 
 class ManualClock:

@@ -21,7 +21,7 @@ from typing import Any, Generic, TypeVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from wirework.brokers.base import Broker, DeadLetterReason, Delivery, Failure, Subscription
-from wirework.clock import SYSTEM_CLOCK, Clock
+from wirework.clock import SYSTEM_CLOCK, Clock, wait_first
 from wirework.envelope import Envelope, decode_wire
 from wirework.errors import (
     BrokerError,
@@ -260,15 +260,7 @@ class Consumer:
             self._done.set()
 
     async def _pause(self, seconds: float) -> None:
-        waits: set[asyncio.Future[Any]] = {
-            asyncio.ensure_future(self._stop.wait()),
-            asyncio.ensure_future(self._clock.sleep(seconds)),
-        }
-        try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in waits:
-                waiter.cancel()
+        await wait_first(self._stop, clock=self._clock, pause=seconds)
 
     async def _handle(self, delivery: Delivery) -> None:
         self.stats.in_flight += 1

@@ -56,7 +56,7 @@ from wirework.brokers.base import (
     Subscription,
     check_name,
 )
-from wirework.clock import SYSTEM_CLOCK, Clock
+from wirework.clock import SYSTEM_CLOCK, Clock, wait_first
 from wirework.envelope import WireMessage
 from wirework.errors import (
     AlreadySettledError,
@@ -353,26 +353,8 @@ class MemoryBroker(Broker, DeadLetterStore, Inspectable, GroupAdmin):
         return group
 
     async def _wait(self, changed: asyncio.Event, seconds: float | None) -> None:
-        """Sleep until the group changes or ``seconds`` pass on the broker's clock.
-
-        The clock's own sleep is raced against the event (instead of a loop
-        timeout) so that a ``ManualClock`` wakes the consumer when a test advances it.
-        Both waits belong to this call and are cancelled before it returns. Not a
-        ``TaskGroup``: on Python 3.11 one whose child ends with an error in the same
-        step as the caller is cancelled swallows that cancellation.
-        """
-        if seconds is None:
-            await changed.wait()
-            return
-        waits = {
-            asyncio.ensure_future(changed.wait()),
-            asyncio.ensure_future(self.clock.sleep(seconds)),
-        }
-        try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for wait in waits:
-                wait.cancel()
+        """Sleep until the group changes or ``seconds`` pass on the broker's clock."""
+        await wait_first(changed, clock=self.clock, pause=seconds)
 
     def _remove(self, group: _Group, copy: _Copy) -> None:
         """Drop a group's copy for good, and the message once no group holds it."""

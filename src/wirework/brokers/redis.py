@@ -65,7 +65,7 @@ from wirework.brokers.redis_link import (
 )
 from wirework.brokers.redis_model import RedisSettings as RedisSettings
 from wirework.brokers.redis_model import dead_letter_of, key_prefix, milliseconds, moment, text
-from wirework.clock import SYSTEM_CLOCK, Clock
+from wirework.clock import SYSTEM_CLOCK, Clock, wait_first
 from wirework.envelope import WireMessage
 from wirework.errors import (
     AlreadySettledError,
@@ -421,17 +421,7 @@ class RedisBroker(Broker, DeadLetterStore, Inspectable, GroupAdmin):
 
     async def _wait(self, event: asyncio.Event, pause: float | None) -> None:
         """Until ``event`` is set, the broker closes, or ``pause`` passes on the clock."""
-        waits: set[asyncio.Future[Any]] = {
-            asyncio.ensure_future(event.wait()),
-            asyncio.ensure_future(self._closing.wait()),
-        }
-        if pause is not None:
-            waits.add(asyncio.ensure_future(self._clock.sleep(pause)))
-        try:
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in waits:
-                waiter.cancel()
+        await wait_first(event, self._closing, clock=self._clock, pause=pause)
 
     async def aclose(self) -> None:
         """Hand back every held delivery, end every subscription, close the connections."""
