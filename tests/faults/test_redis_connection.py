@@ -29,7 +29,7 @@ from tests.helpers.network import TOPIC, Ledger, Workload, free_port, report
 from tests.helpers.services import require_service
 from wirework.brokers.redis import RedisBroker, RedisSettings, purge_namespace
 from wirework.envelope import WireMessage
-from wirework.errors import ConfigurationError
+from wirework.errors import BrokerError, ConfigurationError
 from wirework.testing.conformance import wait_until
 
 pytestmark = [pytest.mark.fault, pytest.mark.ext]
@@ -206,15 +206,23 @@ async def test_server_killed_and_restarted_loses_nothing(private_redis: PrivateR
     assert counts["failed"] > 0, counts
 
 
-async def test_wait_aof_is_refused_before_redis_7_2(namespace: str) -> None:
+async def test_wait_aof_needs_redis_7_2(namespace: str) -> None:
     """wait_aof needs WAITAOF (Redis 7.2+): on an older server publish says so and stores
-    nothing, instead of storing and then failing."""
+    nothing, instead of storing and then failing; on a newer one it publishes."""
     strict = RedisBroker(SHARED_URL, settings=RedisSettings(namespace=namespace, wait_aof=True))
     try:
         info = await strict._link.command("INFO", "server", what="reading the version")
         version = info.decode().split("redis_version:", 1)[1].split("\r\n", 1)[0]
         if tuple(int(part) for part in version.split(".")[:2]) >= (7, 2):
-            pytest.skip(f"the shared server runs {version}, which has WAITAOF")
+            # The server has WAITAOF: no refusal for the version. With appendonly off it
+            # cannot confirm an fsync, which the broker must say (BrokerError), not hide.
+            problem = ""
+            try:
+                await strict.publish(TOPIC, WireMessage(headers={"ce-id": "x"}, body=b"{}"))
+            except BrokerError as exc:
+                problem = str(exc)
+            assert problem == "" or "AOF" in problem, problem
+            return
         with pytest.raises(ConfigurationError, match=r"7\.2"):
             await strict.publish(TOPIC, WireMessage(headers={"ce-id": "x"}, body=b"{}"))
         assert not [row for row in await strict.stats() if row.topic == TOPIC]
