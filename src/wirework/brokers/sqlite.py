@@ -5,7 +5,10 @@ Durable: ``publish`` returns after the commit, in WAL mode, with
 returned publish survives a process crash *and* a power loss. ``"fast"``
 (``synchronous=NORMAL``) still survives any process crash, but the last
 commits before an OS crash or power loss may roll back (SQLite's documented
-WAL/NORMAL window); choose it only where a replayable source exists.
+WAL/NORMAL window); choose it only where a replayable source exists. A
+claim alone is committed without an fsync even under ``"strict"``: a power
+loss releases every lease anyway (see below), so at most its attempt goes
+uncounted.
 
 Processes on one machine share the file: competing consumers and groups may
 live in different processes; leases use the machine-wide monotonic clock, so a

@@ -220,7 +220,8 @@ class Writer:
             self._busy_pause = _BUSY_PAUSE_FIRST
             batch = Batch()
             try:
-                outcomes = self._steps(connection, batch, pending, absorb=durable and not read_only)
+                absorb = not read_only and self._current_sync == self._opened_sync
+                outcomes = self._steps(connection, batch, pending, absorb=absorb)
                 connection.execute("COMMIT")
             except sqlite3.Error as exc:
                 with contextlib.suppress(sqlite3.Error):
@@ -243,8 +244,9 @@ class Writer:
         They are mostly callers woken by the last commit: a consumer's ack that
         arrives while the next publish is being written shares its fsync instead
         of paying its own (one producer awaiting each publish: 1.0 commits a message
-        instead of 1.5, +25 % msg/s, median of 4 paired runs). Never into an unsynced
-        transaction (``absorb`` False there): a late publish needs its fsync.
+        instead of 1.5, +25 % msg/s, median of 4 paired runs). Never into a transaction
+        synced less than the file asks (``absorb`` False there): a late publish needs
+        its fsync.
         """
         outcomes: list[tuple[asyncio.Future[Any], Any]] = []
         late = pending
