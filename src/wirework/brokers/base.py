@@ -38,7 +38,7 @@ from typing import Literal, Protocol, Self, runtime_checkable
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from wirework.envelope import WireMessage
-from wirework.errors import ConfigurationError
+from wirework.errors import ConfigurationError, MessageTooLargeError
 
 #: Topic, group and consumer names: safe in SQL identifiers, Redis keys, AMQP and NATS subjects.
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
@@ -282,8 +282,6 @@ class Broker(ABC):
 
     def check_size(self, topic: str, message: WireMessage) -> None:
         """Refuse an oversized message before anything is written."""
-        from wirework.errors import MessageTooLargeError
-
         if message.size > self.max_message_bytes:
             raise MessageTooLargeError(message.size, self.max_message_bytes, topic=topic)
 
