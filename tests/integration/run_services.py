@@ -4,7 +4,9 @@ The broker comes from ``WIREWORK_BROKER`` (the services are made with
 ``broker=None``) and the handler's sleep from ``RUN_TEST_SLEEP``. Every
 handled job is appended as ``"<n> <pid>"`` to the file named by
 ``RUN_TEST_OUT``, one ``write`` per line on an ``O_APPEND`` descriptor, so
-lines from several worker processes never interleave.
+lines from several worker processes never interleave; a handler that starts
+leaves the same line in ``RUN_TEST_STARTED`` first, so a test can tell a
+handler mid-flight from one that is only settling.
 """
 
 from __future__ import annotations
@@ -31,12 +33,13 @@ svc = Service("run-jobs")
 
 @svc.consume("jobs", concurrency=CONCURRENCY, prefetch=PREFETCH)
 async def work(job: Job) -> None:
+    await asyncio.to_thread(_record, "RUN_TEST_STARTED", job.n)
     await asyncio.sleep(HANDLER_SLEEP)
-    await asyncio.to_thread(_record, job.n)
+    await asyncio.to_thread(_record, "RUN_TEST_OUT", job.n)
 
 
-def _record(n: int) -> None:
-    fd = os.open(os.environ["RUN_TEST_OUT"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+def _record(variable: str, n: int) -> None:
+    fd = os.open(os.environ[variable], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
         os.write(fd, f"{n} {os.getpid()}\n".encode())
     finally:

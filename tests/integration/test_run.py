@@ -81,12 +81,14 @@ class Launcher:
         self.tmp_path = tmp_path
         self.broker = f"sqlite:///{tmp_path / 'broker.db'}"
         self.handled = tmp_path / "handled.txt"
+        self.started = tmp_path / "started.txt"
         self.runs: list[Run] = []
         self.env = {
             **os.environ,
             "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "src")]),
             "WIREWORK_BROKER": self.broker,
             "RUN_TEST_OUT": str(self.handled),
+            "RUN_TEST_STARTED": str(self.started),
         }
 
     def start(self, *args: str, sleep: float = HANDLER_SLEEP) -> Run:
@@ -125,15 +127,15 @@ class Launcher:
         return {s.group for s in stats if s.topic == "jobs"} >= set(groups)
 
     def ids(self) -> list[int]:
-        return [int(line.split()[0]) for line in self._lines()]
+        return [int(line.split()[0]) for line in _lines(self.handled)]
 
     def pids(self) -> set[int]:
-        return {int(line.split()[1]) for line in self._lines()}
+        return {int(line.split()[1]) for line in _lines(self.handled)}
 
-    def _lines(self) -> list[str]:
-        if not self.handled.exists():
-            return []
-        return [line for line in self.handled.read_text().splitlines() if line.strip()]
+    def mid_flight(self) -> set[int]:
+        """Jobs whose handler has started and not finished (not merely settling its ack)."""
+        started = {int(line.split()[0]) for line in _lines(self.started)}
+        return started - set(self.ids())
 
     def close(self) -> None:
         for run in self.runs:
@@ -151,6 +153,12 @@ class Launcher:
                     stray.kill()
             run.process.wait(timeout=10)
             psutil.wait_procs(strays, timeout=10)
+
+
+def _lines(path: Path) -> list[str]:
+    if not path.exists():
+        return []
+    return [line for line in path.read_text().splitlines() if line.strip()]
 
 
 @pytest.fixture
@@ -173,7 +181,11 @@ async def test_sigterm_under_load_exits_0_in_time_and_loses_nothing(
     first = launch.start("--grace", str(grace), JOBS, AUDIT)
     await first.wait_until(lambda: launch.groups_exist("jobs", "run-audit"), 20, what="groups")
     await launch.publish(100)
-    await first.wait_until(lambda: len(launch.ids()) >= 16, 20, what="load")
+    # A handler must be sleeping at SIGTERM, not just acking: 16 recorded jobs
+    # alone can mean the second batch is settling and the third not yet begun.
+    await first.wait_until(
+        lambda: len(launch.ids()) >= 16 and bool(launch.mid_flight()), 20, what="load"
+    )
 
     sent = first.terminate()
     code = await first.exited(grace + 5)
