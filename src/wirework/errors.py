@@ -19,10 +19,19 @@ so callers never need to import redis, aio-pika or sqlite3 to catch ours::
     │   ├── DeserializationError      not a decodable CloudEvent / not JSON
     │   ├── SchemaValidationError     JSON that breaks the body's schema
     │   └── UnknownMessageTypeError   no handler registered for the event type
-    └── RequestError                  a request over messaging got no good reply
-        ├── RequestTimeoutError       no reply by the deadline (also a TimeoutError)
-        ├── RemoteError               the responder failed; carries its error type
-        └── TooManyPendingRequestsError  the instance's pending-request limit is reached
+    ├── RequestError                  a request over messaging got no good reply
+    │   ├── RequestTimeoutError       no reply by the deadline (also a TimeoutError)
+    │   ├── RemoteError               the responder failed; carries its error type
+    │   └── TooManyPendingRequestsError  the instance's pending-request limit is reached
+    └── CallError                     what a REST or gRPC handler raises to answer with an error
+        ├── BadRequestError           400, INVALID_ARGUMENT: the input cannot be used
+        ├── UnauthenticatedError      401, UNAUTHENTICATED
+        ├── PermissionDeniedError     403, PERMISSION_DENIED
+        ├── NotFoundError             404, NOT_FOUND
+        ├── ConflictError             409, ABORTED: the state changed under the caller
+        ├── PreconditionFailedError   412, FAILED_PRECONDITION
+        ├── TooManyRequestsError      429, RESOURCE_EXHAUSTED (retriable)
+        └── ServiceUnavailableError   503, UNAVAILABLE (retriable)
 
     HandlerSignal                     raised by handlers on purpose, not errors
     ├── Retry                         retry this message after ``delay`` seconds
@@ -30,15 +39,34 @@ so callers never need to import redis, aio-pika or sqlite3 to catch ours::
     └── Expired                       dead-letter this message now (reason ``expired``)
 
 ``retriable`` on a class says whether repeating the same call may succeed.
+``http_status`` and ``grpc_code`` (a ``grpc.StatusCode`` name, kept as a
+string so this module imports nothing) say how the class crosses REST and
+gRPC: errors map once, here, and every binding reads these two attributes.
+Every subclass, the user's own included, is registered by its dotted name, so
+a caller can rebuild the error a remote handler raised (``rebuild_error``);
+an unregistered name becomes ``RemoteError``.
 """
 
 from __future__ import annotations
+
+_REGISTRY: dict[str, type[WireworkError]] = {}
+
+
+def error_name(cls: type[BaseException]) -> str:
+    """The dotted name an error travels under (``module.QualName``)."""
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 class WireworkError(Exception):
     """Root of every error wirework raises on purpose."""
 
     retriable: bool = False
+    http_status: int = 500
+    grpc_code: str = "INTERNAL"
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        _REGISTRY[error_name(cls)] = cls
 
 
 class ConfigurationError(WireworkError):
@@ -53,6 +81,8 @@ class BrokerUnavailableError(BrokerError):
     """The broker cannot be reached or opened; retrying later may succeed."""
 
     retriable = True
+    http_status = 503
+    grpc_code = "UNAVAILABLE"
 
 
 class PublishOutcomeUnknownError(BrokerUnavailableError):
@@ -71,6 +101,8 @@ class BrokerBusyError(BrokerError):
     """
 
     retriable = True
+    http_status = 503
+    grpc_code = "UNAVAILABLE"
 
 
 class BrokerClosedError(BrokerError):
@@ -79,6 +111,9 @@ class BrokerClosedError(BrokerError):
 
 class MessageTooLargeError(BrokerError):
     """A message is over the broker's ``max_message_bytes``; nothing was stored."""
+
+    http_status = 413
+    grpc_code = "RESOURCE_EXHAUSTED"
 
     def __init__(self, size: int, limit: int, *, topic: str) -> None:
         super().__init__(
@@ -95,6 +130,8 @@ class QueueFullError(BrokerError):
     """The topic holds ``max_queue_length`` messages already (reject-publish backpressure)."""
 
     retriable = True
+    http_status = 503
+    grpc_code = "RESOURCE_EXHAUSTED"
 
 
 class AlreadySettledError(BrokerError):
@@ -104,11 +141,16 @@ class AlreadySettledError(BrokerError):
 class DeadLetterNotFoundError(BrokerError):
     """No dead-letter record has the given id."""
 
+    http_status = 404
+    grpc_code = "NOT_FOUND"
+
 
 class DecodeError(WireworkError):
     """A delivered message cannot become a typed event; retrying cannot help."""
 
     reason: str = "deserialization_error"
+    http_status = 400
+    grpc_code = "INVALID_ARGUMENT"
 
     def __init__(self, message: str, *, field: str | None = None) -> None:
         super().__init__(message)
@@ -125,6 +167,7 @@ class SchemaValidationError(DecodeError):
     """The event's data breaks its model; ``field`` is a JSON pointer to the first bad field."""
 
     reason = "schema_validation"
+    http_status = 422
 
 
 class UnknownMessageTypeError(DecodeError):
@@ -141,6 +184,8 @@ class RequestTimeoutError(RequestError, TimeoutError):
     """No reply arrived by the deadline; the request may still be handled later."""
 
     retriable = True
+    http_status = 504
+    grpc_code = "DEADLINE_EXCEEDED"
 
     def __init__(self, subject: str, timeout: float) -> None:
         super().__init__(
@@ -154,6 +199,9 @@ class RequestTimeoutError(RequestError, TimeoutError):
 class RemoteError(RequestError):
     """The responder failed; ``remote_type`` names its error class, ``reason`` why."""
 
+    http_status = 502
+    grpc_code = "UNKNOWN"
+
     def __init__(self, remote_type: str, message: str, *, reason: str = "handler_error") -> None:
         super().__init__(f"{remote_type}: {message}")
         self.remote_type = remote_type
@@ -165,6 +213,89 @@ class TooManyPendingRequestsError(RequestError):
     """This instance already waits for ``max_pending`` replies (RELIABILITY.md §3.7)."""
 
     retriable = True
+    http_status = 503
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+
+class CallError(WireworkError):
+    """Raise a subclass in a REST or gRPC handler to answer with its status and message.
+
+    The message is what the caller sees (problem+json ``detail``, gRPC status
+    details): say what was wrong and what to send instead; never put secrets in it.
+    """
+
+
+class BadRequestError(CallError):
+    """The input is well-formed but cannot be used (say which field and why)."""
+
+    http_status = 400
+    grpc_code = "INVALID_ARGUMENT"
+
+
+class UnauthenticatedError(CallError):
+    """The caller did not say who it is, or the credentials are invalid."""
+
+    http_status = 401
+    grpc_code = "UNAUTHENTICATED"
+
+
+class PermissionDeniedError(CallError):
+    """The caller is known and may not do this."""
+
+    http_status = 403
+    grpc_code = "PERMISSION_DENIED"
+
+
+class NotFoundError(CallError):
+    """The thing the call names does not exist."""
+
+    http_status = 404
+    grpc_code = "NOT_FOUND"
+
+
+class ConflictError(CallError):
+    """The state changed under the caller (a concurrent update, a duplicate); re-read, retry."""
+
+    http_status = 409
+    grpc_code = "ABORTED"
+
+
+class PreconditionFailedError(CallError):
+    """The system is not in the state this call needs (an order already shipped)."""
+
+    http_status = 412
+    grpc_code = "FAILED_PRECONDITION"
+
+
+class TooManyRequestsError(CallError):
+    """The caller is over its rate or quota; retry later."""
+
+    retriable = True
+    http_status = 429
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+
+class ServiceUnavailableError(CallError):
+    """The service cannot answer right now (a dependency is down); retry later."""
+
+    retriable = True
+    http_status = 503
+    grpc_code = "UNAVAILABLE"
+
+
+def rebuild_error(name: str, message: str) -> WireworkError:
+    """The error a remote handler raised, rebuilt on the caller's side.
+
+    A registered class (any ``WireworkError`` subclass imported in this
+    process) comes back as itself with the remote message, whatever its
+    constructor takes; any other name becomes ``RemoteError``.
+    """
+    cls = _REGISTRY.get(name)
+    if cls is None or issubclass(cls, RemoteError):
+        return RemoteError(name, message)
+    error = cls.__new__(cls)
+    Exception.__init__(error, message)
+    return error
 
 
 class HandlerSignal(Exception):

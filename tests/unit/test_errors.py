@@ -145,6 +145,8 @@ def test_retriable_flag(cls: type[WireworkError]) -> None:
         errors.RequestTimeoutError,
         errors.TooManyPendingRequestsError,
         errors.PublishOutcomeUnknownError,  # retrying may store a second copy: dedupe downstream
+        errors.TooManyRequestsError,
+        errors.ServiceUnavailableError,
     }
 
     assert cls.retriable is (cls in retriable)
@@ -184,3 +186,31 @@ def test_retry_and_reject_carry_their_arguments() -> None:
     assert Retry().delay is None
     assert str(Retry(reason="stock not yet synced")) == "stock not yet synced"
     assert Reject("invalid order").reason == "invalid order"
+
+
+@pytest.mark.parametrize("cls", WIREWORK_ERRORS, ids=[c.__name__ for c in WIREWORK_ERRORS])
+def test_every_error_maps_to_an_http_status_and_a_grpc_code(cls: type[WireworkError]) -> None:
+    """Errors map once: each class has a 4xx/5xx status and a real gRPC status code name."""
+    import grpc
+
+    assert 400 <= cls.http_status <= 599
+    assert cls.grpc_code in grpc.StatusCode.__members__
+    assert cls.grpc_code != "OK"
+
+
+def test_a_registered_error_is_rebuilt_as_itself_and_others_become_remote_errors() -> None:
+    """The caller gets back the class the handler raised when it knows it, whatever its init."""
+
+    class OutOfStockError(errors.ConflictError):
+        pass
+
+    rebuilt = errors.rebuild_error(errors.error_name(OutOfStockError), "sku-1 has 0 left")
+    assert type(rebuilt) is OutOfStockError
+    assert str(rebuilt) == "sku-1 has 0 left"
+    timeout = errors.rebuild_error(errors.error_name(errors.RequestTimeoutError), "late")
+    assert type(timeout) is errors.RequestTimeoutError
+    assert str(timeout) == "late"
+
+    unknown = errors.rebuild_error("elsewhere.KeyError", "'sku'")
+    assert isinstance(unknown, errors.RemoteError)
+    assert (unknown.remote_type, unknown.remote_message) == ("elsewhere.KeyError", "'sku'")
