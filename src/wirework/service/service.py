@@ -48,6 +48,7 @@ from wirework.errors import (
 )
 from wirework.service.binding import Binding, Kind, Publish, PublishMiddleware
 from wirework.service.context import Context
+from wirework.service.endpoints import Endpoint, HttpMethod, inspect_endpoint
 from wirework.service.handlers import HandlerSpec, event_type, inspect_handler
 from wirework.service.requests import (
     DEADLINE_EXTENSION,
@@ -93,6 +94,8 @@ class Service:
         self.clock = clock or SYSTEM_CLOCK
         self.shutdown_grace = shutdown_grace
         self.bindings: list[Binding] = []
+        self.endpoints: list[Endpoint] = []
+        """REST and gRPC endpoints, served by ``wirework.http`` and ``wirework.grpc``."""
         self._broker_arg = broker
         self._broker: Broker | None = broker if isinstance(broker, Broker) else None
         self._owns_broker = not isinstance(broker, Broker)
@@ -214,6 +217,86 @@ class Service:
             return function
 
         return decorate
+
+    # -- synchronous endpoints (REST and gRPC) ----------------------------------------
+
+    def get(self, path: str, **options: Any) -> Callable[[H], H]:
+        """Answer ``GET path`` over REST, and the same handler over gRPC (see ``endpoint``)."""
+        return self.endpoint("GET", path, **options)
+
+    def post(self, path: str, **options: Any) -> Callable[[H], H]:
+        """Answer ``POST path``; not retried by clients unless it carries an Idempotency-Key."""
+        return self.endpoint("POST", path, **options)
+
+    def put(self, path: str, **options: Any) -> Callable[[H], H]:
+        return self.endpoint("PUT", path, **options)
+
+    def patch(self, path: str, **options: Any) -> Callable[[H], H]:
+        return self.endpoint("PATCH", path, **options)
+
+    def delete(self, path: str, **options: Any) -> Callable[[H], H]:
+        return self.endpoint("DELETE", path, **options)
+
+    def endpoint(
+        self,
+        method: HttpMethod,
+        path: str,
+        *,
+        name: str | None = None,
+        status_code: int | None = None,
+        http: bool = True,
+        grpc: bool = True,
+        idempotent: bool | None = None,
+    ) -> Callable[[H], H]:
+        """Declare a synchronous endpoint, served over REST (``http``) and gRPC (``grpc``).
+
+        Args:
+            name: the gRPC method name (default: the function name in CamelCase).
+            status_code: the HTTP status of a success (default 200, 204 without a body).
+            idempotent: whether a client may retry the call without an
+                Idempotency-Key (default: GET, PUT and DELETE are, POST and PATCH not).
+        """
+
+        def decorate(function: H) -> H:
+            endpoint = inspect_endpoint(
+                function,
+                method=method,
+                path=path,
+                name=name,
+                status_code=status_code,
+                http=http,
+                grpc=grpc,
+                idempotent=idempotent,
+            )
+            for other in self.endpoints:
+                if other.name == endpoint.name:
+                    raise ConfigurationError(
+                        f"{endpoint.qualname} and {other.qualname} are both named "
+                        f"{endpoint.name!r} (the gRPC method name); pass name=... to one"
+                    )
+                if (other.method, other.path) == (method, path):
+                    raise ConfigurationError(
+                        f"{endpoint.qualname} and {other.qualname} both answer {method} {path}"
+                    )
+            self.endpoints.append(endpoint)
+            return function
+
+        return decorate
+
+    def resolve(self, kind: type[Any], needed_by: str) -> Any:
+        """The value of a dependency typed ``kind`` (an override, else the provider's)."""
+        if kind in self._overrides:
+            return self._overrides[kind]
+        if kind in self._provided:
+            return self._provided[kind]
+        factory = self._providers.get(kind)
+        if factory is None:
+            raise ConfigurationError(
+                f"handler {needed_by} needs a {kind.__name__}, which service {self.name!r} "
+                f"does not provide; call service.provide({kind.__name__}, factory)"
+            )
+        value = self._provided[kind] = factory()
+        return value
 
     def provide(self, kind: type[M] | type[Any], factory: Callable[[], Any]) -> None:
         """Make ``factory()`` (called once, lazily) the value of parameters typed ``kind``."""
@@ -565,22 +648,8 @@ class Service:
                 headers=delivery.message.headers if delivery is not None else {},
             )
         for name, kind in spec.dependencies.items():
-            arguments[name] = self._dependency(kind, spec)
+            arguments[name] = self.resolve(kind, spec.name)
         return arguments
-
-    def _dependency(self, kind: type[Any], spec: HandlerSpec) -> Any:
-        if kind in self._overrides:
-            return self._overrides[kind]
-        if kind in self._provided:
-            return self._provided[kind]
-        factory = self._providers.get(kind)
-        if factory is None:
-            raise ConfigurationError(
-                f"handler {spec.name} needs a {kind.__name__}, which service {self.name!r} "
-                f"does not provide; call service.provide({kind.__name__}, factory)"
-            )
-        value = self._provided[kind] = factory()
-        return value
 
     async def _reply_error(self, request: Envelope, reason: str, failure: Failure) -> None:
         if not request.replyto:
