@@ -19,6 +19,11 @@ so callers never need to import redis, aio-pika or sqlite3 to catch ours::
     │   ├── DeserializationError      not a decodable CloudEvent / not JSON
     │   ├── SchemaValidationError     JSON that breaks the body's schema
     │   └── UnknownMessageTypeError   no handler registered for the event type
+    ├── ResilienceError               a resilience policy cut or refused the call
+    │   ├── DeadlineExceededError     the call's deadline passed (also a TimeoutError)
+    │   ├── CircuitOpenError          the target's circuit is open: not attempted
+    │   ├── BulkheadFullError         the target's concurrency limit and queue are full
+    │   └── RetryBudgetExhaustedError  a retry was due but the retry budget is spent
     ├── RequestError                  a request over messaging got no good reply
     │   ├── RequestTimeoutError       no reply by the deadline (also a TimeoutError)
     │   ├── RemoteError               the responder failed; carries its error type
@@ -324,3 +329,52 @@ class Expired(HandlerSignal):
     def __init__(self, reason: str = "deadline passed before handling") -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+# Resilience policies (wirework.resilience). None is retriable: each one means
+# "this call, now, should stop", and a retry loop that ignored that would hammer
+# an open breaker, a full bulkhead or a spent budget.
+
+
+class ResilienceError(WireworkError):
+    """A resilience policy cut or refused the call; an upstream error, if any, is the cause."""
+
+
+class DeadlineExceededError(ResilienceError, TimeoutError):
+    """The call's deadline passed: it was cut, or never started (also a ``TimeoutError``)."""
+
+    http_status = 504
+    grpc_code = "DEADLINE_EXCEEDED"
+
+
+class CircuitOpenError(ResilienceError):
+    """The target's circuit breaker is open (or busy probing): the call was not attempted.
+
+    ``retry_after`` is how many seconds remain before the breaker lets a probe
+    through (0.0 when unknown, e.g. on an error rebuilt from a remote reply).
+    """
+
+    http_status = 503
+    grpc_code = "UNAVAILABLE"
+    retry_after: float = 0.0
+
+    def __init__(self, message: str, *, retry_after: float = 0.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class BulkheadFullError(ResilienceError):
+    """The target's concurrency limit and its wait queue are both full: rejected at once."""
+
+    http_status = 503
+    grpc_code = "UNAVAILABLE"
+
+
+class RetryBudgetExhaustedError(ResilienceError):
+    """A retry was due, but retries to the target already use up the retry budget.
+
+    The last attempt's error is the ``__cause__``.
+    """
+
+    http_status = 503
+    grpc_code = "UNAVAILABLE"
