@@ -1,0 +1,210 @@
+"""Worker processes of the store tests: an inbox consumer and an outbox relay.
+
+Started from the repository root as ``python -m tests.helpers.store_worker``:
+
+``consume``
+    runs a ``Consumer`` with the inbox over ``--store`` and the SQLite broker
+    file ``--broker-db``; the handler inserts one row into ``effects``
+    (``message_id``, ``process``; no unique constraint, created by the test)
+    inside the inbox transaction, and records ``invoked`` in the ledger
+    *outside* it. The first invocation of an id in ``--slow`` holds its claim
+    for ``--hold`` seconds (past the lease, so another process gets a copy).
+    SIGTERM stops it and records the inbox counts (``inbox - claimed=..``).
+``relay``
+    runs an outbox ``Relay`` from ``--store`` to the broker file until
+    SIGTERM; crash points (``outbox.after_publish_before_mark``) come from
+    ``FAULT_POINT``.
+``produce``
+    writes ``--count`` orders, each an ``orders`` row (created by the test)
+    and its event through the outbox in one transaction, with a ``Relay``
+    running in the same process; records ``invoke`` before each transaction
+    and ``ok`` / ``fail`` / ``info`` after it (ids ``<name>.<pid>-<n>``), then
+    relays until SIGTERM. ``outbox.after_commit_before_relay`` is its crash
+    point (DEV-14).
+
+Every consumer and relay records ``started`` once running.
+
+Each process writes ``<name>.<pid>.ledger`` in ``--ledger``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from tests.helpers.recording import RecordingBroker
+from wirework.brokers.base import Subscription
+from wirework.brokers.sqlite import SqliteBroker
+from wirework.consumer import Consumer, RetryPolicy, Route
+from wirework.envelope import Envelope
+from wirework.store import (
+    InboxStats,
+    Relay,
+    StoreBusyError,
+    StoreConflictError,
+    connect_store,
+    current_transaction,
+    inbox_middleware,
+)
+from wirework.testing.ledger import SUFFIX, LedgerFile
+
+TOPIC = "store-ledger"
+GROUP = "store-group"
+ITEM_TYPE = "wirework.ledger.item"
+
+
+class LedgerItem(BaseModel):
+    id: str
+    amount: int = 1
+
+
+def ledger_file(directory: str, name: str) -> LedgerFile:
+    return LedgerFile(Path(directory) / f"{name}.{os.getpid()}{SUFFIX}")
+
+
+def stop_on_sigterm() -> asyncio.Event:
+    stopping = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopping.set)
+    return stopping
+
+
+async def consume(args: argparse.Namespace) -> int:
+    slow = set(filter(None, args.slow.split(",")))
+    store = connect_store(args.store)
+    broker = SqliteBroker(args.broker_db)
+    stats = InboxStats()
+    process = f"{args.name}.{os.getpid()}"
+    held: set[str] = set()
+    with ledger_file(args.ledger, args.name) as ledger:
+
+        async def handle(body: LedgerItem, envelope: Envelope) -> None:
+            ledger.record("invoked", envelope.id)
+            await current_transaction().execute(
+                "INSERT INTO effects (message_id, process) VALUES ($1, $2)", envelope.id, process
+            )
+            if envelope.id in slow and envelope.id not in held:
+                held.add(envelope.id)
+                ledger.record("holding", envelope.id)
+                await asyncio.sleep(args.hold)  # the fault: hold the claim past the lease
+            ledger.record("handled", envelope.id)
+
+        consumer = Consumer(
+            RecordingBroker(broker, ledger),
+            Subscription(
+                topic=TOPIC, group=GROUP, lease_timeout=args.lease, prefetch=args.concurrency
+            ),
+            routes=[Route(ITEM_TYPE, LedgerItem, handle)],
+            retry=RetryPolicy(base_delay=0.05, max_attempts=10),
+            concurrency=args.concurrency,
+            middleware=[inbox_middleware(store, GROUP, stats=stats)],
+        )
+        stopping = stop_on_sigterm()
+        running = asyncio.create_task(consumer.run())
+        ledger.record("started", "-")
+        await stopping.wait()
+        await consumer.stop(grace=5.0)
+        await running
+        ledger.record(
+            "inbox",
+            "-",
+            claimed=stats.claimed,
+            duplicates=stats.duplicates,
+            rolled_back=stats.rolled_back,
+        )
+    await broker.aclose()
+    await store.aclose()
+    return 0
+
+
+async def produce(args: argparse.Namespace) -> int:
+    store = connect_store(args.store)
+    broker = SqliteBroker(args.broker_db)
+    relaying = Relay(store, broker, max_poll=0.2, lease_timeout=2.0)
+    with ledger_file(args.ledger, args.name) as ledger:
+        stopping = stop_on_sigterm()
+        running = asyncio.create_task(relaying.run())
+        ledger.record("started", "-")
+        for n in range(args.count):
+            if stopping.is_set():
+                break
+            message_id = f"{args.name}.{os.getpid()}-{n}"
+            ledger.record("invoke", message_id)
+            try:
+                async with store.transaction() as tx:
+                    await tx.execute("INSERT INTO orders (id) VALUES ($1)", message_id)
+                    await tx.publish(TOPIC, item(message_id))
+            except (StoreBusyError, StoreConflictError) as exc:  # nothing was committed
+                ledger.record("fail", message_id, error=type(exc).__name__)
+            except Exception as exc:  # the commit may or may not have happened
+                ledger.record("info", message_id, error=type(exc).__name__)
+            else:
+                ledger.record("ok", message_id)
+        ledger.record("produced", "-")
+        await stopping.wait()
+        await relaying.stop()
+        await running
+    await broker.aclose()
+    await store.aclose()
+    return 0
+
+
+def item(message_id: str) -> Envelope:
+    """The event of one order; its CloudEvent id is the ledger id."""
+    return Envelope.new(ITEM_TYPE, LedgerItem(id=message_id), source="/tests", id=message_id)
+
+
+async def relay(args: argparse.Namespace) -> int:
+    store = connect_store(args.store)
+    broker = SqliteBroker(args.broker_db)
+    relaying = Relay(store, broker, batch_size=args.batch, max_poll=0.2, lease_timeout=2.0)
+    with ledger_file(args.ledger, args.name) as ledger:
+        stopping = stop_on_sigterm()
+        running = asyncio.create_task(relaying.run())
+        ledger.record("started", "-")
+        await stopping.wait()
+        await relaying.stop()
+        await running
+        ledger.record("relayed", "-", published=relaying.stats.published)
+    await broker.aclose()
+    await store.aclose()
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="python -m tests.helpers.store_worker")
+    commands = top.add_subparsers(dest="command", required=True)
+    for name in ("consume", "relay", "produce"):
+        sub = commands.add_parser(name)
+        sub.add_argument("--store", required=True)
+        sub.add_argument("--broker-db", required=True)
+        sub.add_argument("--ledger", required=True)
+        sub.add_argument("--name", required=True)
+        if name == "consume":
+            sub.add_argument("--lease", type=float, default=1.0)
+            sub.add_argument("--concurrency", type=int, default=2)
+            sub.add_argument("--slow", default="", help="comma-separated ids that hold a claim")
+            sub.add_argument("--hold", type=float, default=0.0)
+        elif name == "relay":
+            sub.add_argument("--batch", type=int, default=100)
+        else:
+            sub.add_argument("--count", type=int, default=30)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.command == "consume":
+        return asyncio.run(consume(args))
+    if args.command == "produce":
+        return asyncio.run(produce(args))
+    return asyncio.run(relay(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

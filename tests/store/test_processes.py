@@ -1,0 +1,173 @@
+"""Real processes over one store and one SQLite broker file: the inbox and relay under faults."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.store_worker import GROUP, ITEM_TYPE, TOPIC, LedgerItem
+from tests.store.workers import EFFECTS, StoreRun, backlog, effects
+from wirework.brokers.base import Subscription
+from wirework.brokers.sqlite import SqliteBroker
+from wirework.consumer import ConsumeApp, Consumer, Incoming, Route
+from wirework.envelope import Envelope, encode_binary
+from wirework.faults import EXIT_CODE
+from wirework.store import InboxStats, connect_store, current_transaction, inbox_middleware
+from wirework.testing.conformance import wait_until
+
+
+@pytest.fixture
+async def run(tmp_path: Path, store_url: str) -> AsyncIterator[StoreRun]:
+    """Worker processes killed and reaped at the end, even when the test fails."""
+    store_run = StoreRun(tmp_path, store_url)
+    try:
+        yield store_run
+    finally:
+        store_run.kill_all()
+
+
+def item(message_id: str, key: str | None = None) -> Envelope:
+    return Envelope.new(
+        ITEM_TYPE, LedgerItem(id=message_id), source="/tests", id=message_id, key=key
+    )
+
+
+@pytest.mark.fault
+@pytest.mark.slow
+async def test_two_processes_never_apply_a_redelivered_message_twice(
+    store_url: str, run: StoreRun
+) -> None:
+    """Two consumer processes, each message published twice, some handlers holding their claim
+    past the lease so the other process gets a redelivered copy meanwhile: one effect per id."""
+    ids = [f"m-{n}" for n in range(40)]
+    slow = ids[::10]
+    async with connect_store(store_url) as store, SqliteBroker(run.broker_db) as broker:
+        async with store.transaction() as tx:
+            await tx.execute(EFFECTS)
+        options = ["--lease=0.5", "--concurrency=2", f"--slow={','.join(slow)}", "--hold=1.2"]
+        workers = [run.start("consume", name, options) for name in ("a", "b")]
+        await wait_until(
+            lambda: all(run.started(w) for w in workers), 30, what="both consumers started"
+        )
+        for one in ids:
+            message = encode_binary(item(one))
+            await broker.publish(TOPIC, message)
+            await broker.publish(TOPIC, message)
+
+        async def done() -> bool:
+            return len(await effects(store)) == len(ids) and await backlog(broker) == 0
+
+        await wait_until(done, 90, what=f"every id effected and the broker empty\n{run.describe()}")
+        for worker in workers:
+            worker.terminate()
+        for worker in workers:
+            assert await worker.exited(30) == 0, run.describe()
+        counted = await effects(store)
+
+    history = run.history()
+    invoked = history.counts("invoked")
+    duplicates = sum(int(r.fields["duplicates"]) for r in history.of("inbox"))
+    overlapping = concurrent_copies(run, slow)
+    print(f"LEDGER inbox-2proc: duplicates={duplicates} concurrent_copies={overlapping}")
+    assert counted == Counter(dict.fromkeys(ids, 1)), counted - Counter(dict.fromkeys(ids, 1))
+    assert invoked == Counter(dict.fromkeys(ids, 1)), "a handler ran twice for one id"
+    assert duplicates >= len(ids), "the second copies were not absorbed as duplicates"
+    if store_url.startswith("postgresql"):
+        # On SQLite the holder's transaction keeps every other process's transactions (and so
+        # their workers) waiting, so copies arrive after it; PostgreSQL locks only the claim.
+        assert overlapping, "no redelivered copy arrived while its first handler held the claim"
+
+
+def concurrent_copies(run: StoreRun, slow: list[str]) -> list[str]:
+    """Slow ids of which a redelivered copy (attempt 2+) was received while the first
+    handler held its claim, in either process."""
+    history = run.history()
+    found = []
+    for one in slow:
+        holding = [r.at for r in history.of("holding") if r.id == one]
+        handled = [r.at for r in history.of("handled") if r.id == one]
+        if not holding or not handled:
+            continue
+        copies = [
+            r.at
+            for r in history.of("received")
+            if r.id == one and int(r.fields.get("attempt", "1")) >= 2
+        ]
+        if any(holding[0] < at < handled[0] for at in copies):
+            found.append(one)
+    return found
+
+
+@pytest.mark.fault
+@pytest.mark.slow
+async def test_a_relay_killed_between_publish_and_mark_republishes_the_same_ids(
+    store_url: str, run: StoreRun
+) -> None:
+    """The relay dies after publishing and before deleting its rows; its successor publishes
+    them again with the same ids, in order per key, and an inbox absorbs every copy."""
+    keys = ["k0", "k1", "k2"]
+    committed: dict[str, list[str]] = {key: [] for key in keys}
+    async with connect_store(store_url) as store, SqliteBroker(run.broker_db) as broker:
+        async with store.transaction() as tx:
+            await tx.execute(EFFECTS)
+        for n in range(12):
+            key = keys[n % 3]
+            async with store.transaction() as tx:
+                await tx.publish(TOPIC, item(f"o-{n}", key=key))
+            committed[key].append(f"o-{n}")
+
+        victim = run.start("relay", "r1", env={"FAULT_POINT": "outbox.after_publish_before_mark"})
+        assert await victim.exited(30) == EXIT_CODE, run.describe()
+        async with store.transaction() as tx:
+            assert await tx.fetchval("SELECT count(*) FROM wirework_outbox") == 12
+        assert await backlog(broker) == 12
+
+        survivor = run.start("relay", "r2")
+
+        async def outbox_empty() -> bool:
+            async with store.transaction() as tx:
+                return int(await tx.fetchval("SELECT count(*) FROM wirework_outbox")) == 0
+
+        await wait_until(outbox_empty, 30, what=f"the successor to relay\n{run.describe()}")
+        survivor.terminate()
+        assert await survivor.exited(30) == 0, run.describe()
+        assert await backlog(broker) == 24
+
+        deliveries: list[Envelope] = []
+
+        def counting(app: ConsumeApp) -> ConsumeApp:
+            async def count(incoming: Incoming) -> None:
+                deliveries.append(incoming.envelope)
+                await app(incoming)
+
+            return count
+
+        async def handle(body: LedgerItem, envelope: Envelope) -> None:
+            await current_transaction().execute(
+                "INSERT INTO effects (message_id, process) VALUES ($1, $2)", envelope.id, "test"
+            )
+
+        stats = InboxStats()
+        consumer = Consumer(
+            broker,
+            Subscription(topic=TOPIC, group=GROUP, prefetch=1),
+            routes=[Route(ITEM_TYPE, LedgerItem, handle)],
+            middleware=[counting, inbox_middleware(store, GROUP, stats=stats)],
+        )
+        consuming = asyncio.create_task(consumer.run())
+        await wait_until(lambda: len(deliveries) == 24, 30, what="24 deliveries")
+        await consumer.stop()
+        await consuming
+        counted = await effects(store)
+
+    ids = [one for key in keys for one in committed[key]]
+    assert Counter(e.id for e in deliveries) == Counter(dict.fromkeys(ids, 2))
+    assert counted == Counter(dict.fromkeys(ids, 1))
+    assert (stats.claimed, stats.duplicates) == (12, 12)
+    for key in keys:
+        first_seen = list(dict.fromkeys(e.id for e in deliveries if e.key == key))
+        assert first_seen == committed[key], key
