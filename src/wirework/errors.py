@@ -19,6 +19,14 @@ so callers never need to import redis, aio-pika or sqlite3 to catch ours::
     │   ├── DeserializationError      not a decodable CloudEvent / not JSON
     │   ├── SchemaValidationError     JSON that breaks the body's schema
     │   └── UnknownMessageTypeError   no handler registered for the event type
+    ├── StoreError                    anything a store backend reports
+    │   ├── StoreUnavailableError     cannot reach or open the store (retriable)
+    │   ├── StoreBusyError            the SQLite file is locked past busy_timeout (retriable)
+    │   ├── StoreConflictError        a serialization failure or deadlock: retry (retriable)
+    │   ├── StoreQueryError           the database refused a statement (bad SQL, a constraint)
+    │   ├── StoreSchemaError          the schema is newer than this wirework, or unusable
+    │   ├── TransactionError          a transaction used wrongly (nested, after its end)
+    │   └── StoreClosedError          the store was closed
     ├── ResilienceError               a resilience policy cut or refused the call
     │   ├── DeadlineExceededError     the call's deadline passed (also a TimeoutError)
     │   ├── CircuitOpenError          the target's circuit is open: not attempted
@@ -329,6 +337,69 @@ class Expired(HandlerSignal):
     def __init__(self, reason: str = "deadline passed before handling") -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+# Stores (wirework.store).
+
+
+class StoreError(WireworkError):
+    """A store backend failed to do what was asked."""
+
+
+class StoreUnavailableError(StoreError):
+    """The store cannot be reached or opened; retrying later may succeed."""
+
+    retriable = True
+    http_status = 503
+    grpc_code = "UNAVAILABLE"
+
+
+class StoreBusyError(StoreError):
+    """Another process holds the SQLite file's write lock past ``busy_timeout``.
+
+    The transaction had no effect.
+    """
+
+    retriable = True
+    http_status = 503
+    grpc_code = "UNAVAILABLE"
+
+
+class StoreConflictError(StoreError):
+    """The database aborted the transaction to keep it serializable (or to end a deadlock).
+
+    Nothing was committed; running the whole transaction again may succeed.
+    """
+
+    retriable = True
+    http_status = 409
+    grpc_code = "ABORTED"
+
+
+class StoreQueryError(StoreError):
+    """The database refused a statement: invalid SQL, a broken constraint, a wrong type.
+
+    ``sqlstate`` is PostgreSQL's error code when there is one.
+    """
+
+    def __init__(self, message: str, *, sqlstate: str | None = None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+class StoreSchemaError(StoreError):
+    """The database's wirework schema cannot be used by this version of wirework."""
+
+
+class TransactionError(StoreError):
+    """A transaction was used outside its ``async with`` block, or opened inside another."""
+
+
+class StoreClosedError(StoreError):
+    """The store was closed before or during the call."""
+
+    http_status = 503
+    grpc_code = "UNAVAILABLE"
 
 
 # Resilience policies (wirework.resilience). None is retriable: each one means

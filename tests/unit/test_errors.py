@@ -147,6 +147,9 @@ def test_retriable_flag(cls: type[WireworkError]) -> None:
         errors.PublishOutcomeUnknownError,  # retrying may store a second copy: dedupe downstream
         errors.TooManyRequestsError,
         errors.ServiceUnavailableError,
+        errors.StoreUnavailableError,
+        errors.StoreBusyError,
+        errors.StoreConflictError,
     }
 
     assert cls.retriable is (cls in retriable)
