@@ -1,0 +1,91 @@
+"""Tracing fixtures: providers of the test's own (never the global one), one span store file.
+
+OpenTelemetry's global provider can be set once per process, so every test
+builds its providers with ``set_global=False`` and shuts them down itself;
+no test depends on another having run first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from wirework.brokers import connect
+from wirework.brokers.base import Broker
+from wirework.testing.conformance import wait_until
+from wirework.tracing import SpanRecord, SpanStore, TraceSummary, Tracing, configure_tracing
+
+TracingFactory = Callable[[str], Tracing]
+BrokerFactory = Callable[[], "Broker | str"]
+
+
+@pytest.fixture
+def store_path(tmp_path: Path) -> Path:
+    return tmp_path / "spans.db"
+
+
+@pytest.fixture
+def tracing_for(store_path: Path) -> Iterator[TracingFactory]:
+    """``tracing_for("billing")``: a provider of the test's own writing to ``store_path``."""
+    made: list[Tracing] = []
+
+    def make(service_name: str) -> Tracing:
+        tracing = configure_tracing(
+            service_name,
+            exporters=["store"],
+            store=store_path,
+            schedule_delay=0.05,
+            set_global=False,
+        )
+        made.append(tracing)
+        return tracing
+
+    yield make
+    for tracing in made:
+        tracing.shutdown()
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def broker_for(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> AsyncIterator[BrokerFactory]:
+    """What each service of a flow gets: one shared in-memory broker, or the URL of one
+    SQLite file that each service opens for itself (as separate processes would)."""
+    if request.param == "memory":
+        shared = connect("memory://")
+        yield lambda: shared
+        await shared.aclose()
+    else:
+        url = f"sqlite:///{tmp_path}/broker.db?durability=fast"
+        yield lambda: url
+
+
+async def flushed_lookup(
+    tracings: list[Tracing], lookup: Callable[[], list[TraceSummary]]
+) -> list[TraceSummary]:
+    """What ``lookup`` finds once it finds anything (flushing every provider first)."""
+
+    async def found() -> bool:
+        for tracing in tracings:
+            await asyncio.to_thread(tracing.force_flush, 5.0)
+        return bool(lookup())
+
+    await wait_until(found, what="a trace in the span store")
+    return lookup()
+
+
+async def flushed_trace(
+    tracings: list[Tracing], store: SpanStore, trace_id: str, spans: int
+) -> list[SpanRecord]:
+    """The trace's spans once ``spans`` of them are stored (flushing every provider)."""
+
+    async def complete() -> bool:
+        for tracing in tracings:
+            await asyncio.to_thread(tracing.force_flush, 5.0)
+        return len(store.spans(trace_id)) >= spans
+
+    await wait_until(complete, what=f"{spans} spans of trace {trace_id} in the span store")
+    return store.spans(trace_id)
