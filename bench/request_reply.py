@@ -3,6 +3,8 @@
 8: memory:// and SQLite, responder and caller in this process, on one broker.
 10: each server backend, the responder in a ``bench.responder`` child, beside
 the hand-written round trip of the server's raw client (``bench.raw_rpc``).
+On the servers the reply comes back through the caller's direct inbox
+(``wirework.brokers.base.DirectReplies``), as the raw clients' do.
 
 Each case sends ``requests`` requests one after another (p50, p99), then
 ``concurrent_requests`` with ``IN_FLIGHT`` outstanding (p50, p99, requests/s).
@@ -69,9 +71,12 @@ def describe(sizes: Sizes) -> list[str]:
         f"request-reply: {sizes.requests:,} requests one after another, then "
         f"{sizes.concurrent_requests:,} from {IN_FLIGHT} tasks ({IN_FLIGHT} in flight); "
         f"time from the request() call to the parsed answer; 5 warm-up requests first",
-        f"wirework: Service.request (reply topic per caller instance) against "
-        f"@svc.respond(concurrency {CONCURRENCY}, prefetch {PREFETCH}); request and reply "
-        f"are CloudEvents, each a durable publish, consumed and acked",
+        f"wirework: Service.request against @svc.respond(concurrency {CONCURRENCY}, prefetch "
+        f"{PREFETCH}); request and reply are CloudEvents; the request is a durable publish, "
+        f"consumed and acked; the reply goes to the caller's direct inbox on Redis (its own "
+        f"stream, blocking XREAD), RabbitMQ (direct reply-to) and NATS (a core inbox "
+        f"subscription), and to its reply topic (a durable publish, consumed and acked) on "
+        f"memory:// and SQLite",
     ]
 
 

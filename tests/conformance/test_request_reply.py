@@ -2,24 +2,47 @@
 
 These run on the conformance ``target`` fixture, so every backend that keeps
 the broker contract also proves request-reply (issue 3's acceptance counts).
+On Redis, RabbitMQ and NATS replies come back through a direct inbox (issue 4),
+so the same checks prove that path there, and the topic path on memory and
+SQLite; the checks at the end prove what only the direct path has: the
+inbox gone from the server after stop, a caller of the topic kind still
+answered, and the behaviour when the inbox's connection is cut.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from typing import ClassVar
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, ClassVar
 
 import pytest
 from pydantic import BaseModel
 
-from wirework.brokers.base import Broker, DeadLetterReason, DeadLetterStore, Inspectable
+from tests.conformance.conftest import BACKENDS, PurgingTarget
+from tests.helpers.fault_proxy import FaultProxy
+from tests.helpers.services import require_service
+from wirework.brokers import connect
+from wirework.brokers.base import (
+    Broker,
+    DeadLetterReason,
+    DeadLetterStore,
+    DirectReplies,
+    Inspectable,
+    ReplyInbox,
+)
 from wirework.envelope import Envelope
-from wirework.errors import RemoteError, RequestTimeoutError
+from wirework.errors import BrokerUnavailableError, RemoteError, RequestTimeoutError
 from wirework.service import Context, Service
+from wirework.service.requests import ReplyLostError, Requester
 from wirework.testing.conformance import ConformanceTarget, wait_until
 
 CONCURRENT = 5_000
+
+#: Backends with a direct reply path, and the scheme of their inbox addresses.
+DIRECT = {"redis": "redis-reply:", "rabbitmq": "amqp-reply:", "nats": "nats-reply:"}
 
 
 class Ask(BaseModel):
@@ -82,6 +105,7 @@ async def test_timeouts_fire_on_time_and_leave_nothing_behind(target: Conformanc
     deadline = 0.5
     async with caller:
         reply_topic = f"wirework.reply.caller.{caller.instance}"
+        inbox = caller._running_requester()._inbox
 
         async def timed() -> float:
             started = time.monotonic()
@@ -99,6 +123,8 @@ async def test_timeouts_fire_on_time_and_leave_nothing_behind(target: Conformanc
         return all(row.topic != reply_topic for row in await broker.stats())
 
     await wait_until(reply_topic_gone, what="the stopped caller's reply topic deleted")
+    if inbox is not None:
+        assert await inbox_gone_from_server(target, inbox)
 
 
 async def test_responder_exception_arrives_as_remote_error(target: ConformanceTarget) -> None:
@@ -141,7 +167,7 @@ async def test_late_and_duplicate_replies_are_dropped_and_counted(
         answered = await caller.request("ask", Ask(n=2), timeout=10)
         copy = caller.envelope(Answer(n=2, by="again"))
         copy = copy.model_copy(update={"causationid": answered.causationid})
-        await caller.publish_envelope(caller._running_requester().reply_topic, copy)
+        await caller._send_reply(caller._running_requester().reply_address, copy)
         await wait_until(
             lambda: caller.request_stats.duplicate_replies == 1, what="the duplicate reply"
         )
@@ -190,3 +216,188 @@ async def test_causation_chain_is_complete_across_three_hops(target: Conformance
     assert seen["shipped"].causationid == seen["reserved"].id
     correlations = {envelope.correlationid for envelope in seen.values()}
     assert correlations == {first.id}
+
+
+# -- the direct reply path (Redis, RabbitMQ, NATS) --------------------------------------------
+
+
+async def inbox_gone_from_server(target: ConformanceTarget, inbox: ReplyInbox) -> bool:
+    """Ask the server itself (with its own client) whether a closed inbox left anything."""
+    assert isinstance(target, PurgingTarget)
+    if target.backend == "redis":
+        import redis.asyncio
+
+        client = redis.asyncio.Redis.from_url(target.url)
+        try:
+            keys = [
+                key async for key in client.scan_iter(match="{" + target.namespace + "}:reply:*")
+            ]
+            return keys == []
+        finally:
+            await client.aclose()
+    if target.backend == "nats":
+        import nats
+        import nats.errors
+
+        peer = await nats.connect(target.url)
+        try:
+            await peer.request(inbox.address.split(":", 1)[1], b"", timeout=5)
+        except nats.errors.NoRespondersError:
+            return True  # the server knows no subscription on the inbox subject
+        finally:
+            await peer.close()
+        return False
+    # RabbitMQ: direct reply-to has no queue; the consumer lives and dies with its channel.
+    channel = getattr(inbox, "channel", "missing")
+    return channel is None
+
+
+@pytest.fixture(params=[pytest.param(name, marks=BACKENDS[name].marks) for name in DIRECT])
+async def server(request: pytest.FixtureRequest) -> AsyncIterator[PurgingTarget]:
+    """A server backend with a direct reply path, in a namespace purged afterwards."""
+    backend = BACKENDS[request.param]
+    assert backend.service is not None
+    require_service(*backend.service)
+    built = backend.build(Path("."))
+    assert isinstance(built, PurgingTarget)
+    try:
+        yield built
+    finally:
+        await built.aclose()
+
+
+async def test_replies_come_back_through_a_direct_inbox_on_server_backends(
+    target: ConformanceTarget,
+) -> None:
+    """Redis, RabbitMQ and NATS answer through the caller's inbox, create no reply topic, and
+    leave nothing on the server after stop; memory and SQLite keep the reply topic (their
+    reply path is already cheap)."""
+    broker = await target.open()
+    assert isinstance(broker, Inspectable)
+    caller = Service("caller", broker=broker)
+    async with responder(broker), caller:
+        requester = caller._running_requester()
+        reply = await caller.request("ask", Ask(n=7), returns=Answer, timeout=10)
+        assert reply.n == 7
+        topics = {row.topic for row in await broker.stats()}
+        inbox = requester._inbox
+        if target.name in DIRECT:
+            assert requester.direct
+            assert isinstance(broker, DirectReplies)
+            assert requester.reply_address.startswith(DIRECT[target.name])
+            assert requester.reply_topic not in topics
+        else:
+            assert not requester.direct
+            assert requester.reply_address == requester.reply_topic in topics
+    if inbox is not None:
+        assert await inbox_gone_from_server(target, inbox)
+
+
+async def test_a_caller_with_a_reply_topic_is_still_answered_on_it(
+    server: PurgingTarget,
+) -> None:
+    """A responder whose broker has a direct path answers a topic-kind ``replyto`` (an older
+    caller, or one without the path) on that topic, errors included."""
+    broker = await server.open()
+    caller = Service("old-caller", broker=broker)
+    requester = Requester(
+        broker,
+        reply_topic=f"wirework.reply.old-caller.{caller.instance}",
+        clock=caller.clock,
+        publish=lambda topic, envelope: caller.publish_envelope(topic, envelope),
+        direct=False,
+    )
+    await requester.open()
+    reading = asyncio.create_task(requester.run())
+    try:
+        async with responder(broker):
+            assert requester.reply_address == requester.reply_topic
+
+            async def ask(n: int) -> Envelope:
+                request = caller.envelope(Ask(n=n), replyto=requester.reply_address)
+                return await requester.request("ask", request, timeout=10)
+
+            assert (await ask(3)).decode(Answer).n == 3
+            with pytest.raises(RemoteError) as info:
+                await ask(-3)
+            assert info.value.remote_type == "builtins.ValueError"
+    finally:
+        reading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reading
+    assert requester.stats.replied == 2  # error replies included
+    assert requester.stats.remote_errors == 1
+
+
+def _through(proxy: FaultProxy, target: PurgingTarget) -> Broker:
+    """A broker on ``target``'s server and namespace, reached through ``proxy``."""
+    fast: dict[str, Any] = {"reconnect_initial_backoff": 0.05, "reconnect_max_backoff": 0.25}
+    if target.backend == "redis":
+        return connect(f"redis://127.0.0.1:{proxy.port}/0", namespace=target.namespace, **fast)
+    if target.backend == "rabbitmq":
+        url = f"amqp://guest:guest@127.0.0.1:{proxy.port}/"
+        return connect(url, namespace=target.namespace, heartbeat=2, **fast)
+    return connect(f"nats://127.0.0.1:{proxy.port}", namespace=target.namespace, **fast)
+
+
+async def _ask_until_answered(caller: Service, n: int) -> Answer:
+    """Ask until the request goes out and is answered (the connection may still be coming back)."""
+    deadline = asyncio.get_running_loop().time() + 30
+    while True:
+        try:
+            return await caller.request("ask", Ask(n=n), returns=Answer, timeout=5)
+        except (BrokerUnavailableError, ReplyLostError, RequestTimeoutError):
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
+async def test_a_cut_connection_keeps_the_inbox_or_fails_its_requests_at_once(
+    server: PurgingTarget,
+) -> None:
+    """Every connection of the caller is cut while a request waits for a slow reply.
+
+    Redis keeps the reply stream, so the waiting request still gets its reply; NATS
+    subscribes again to the same subject, so later requests get theirs (a reply sent
+    during the cut may be lost: that request times out); RabbitMQ's direct reply-to dies
+    with its channel, so the waiting request fails at once with ReplyLostError, long
+    before its deadline, and a new inbox answers later requests.
+    """
+    responding = await server.open()
+    async with FaultProxy(*_upstream(server)) as proxy:
+        caller_broker = _through(proxy, server)
+        caller = Service("cut-caller", broker=caller_broker)
+        try:
+            async with responder(responding), caller:
+                assert (await caller.request("ask", Ask(n=1), returns=Answer, timeout=10)).n == 1
+                before = caller._running_requester().reply_address
+                deadline = 20.0
+                started = time.monotonic()
+                slow = asyncio.create_task(
+                    caller.request("ask", Ask(n=2, delay=1.5), returns=Answer, timeout=deadline)
+                )
+                await wait_until(lambda: caller.request_stats.sent == 2, what="the slow request")
+                assert proxy.cut() > 0
+                if server.backend == "rabbitmq":
+                    with pytest.raises(ReplyLostError):
+                        await slow
+                    assert time.monotonic() - started < 5.0
+                    assert caller.request_stats.lost == 1
+                elif server.backend == "redis":
+                    assert (await slow).n == 2
+                else:
+                    with contextlib.suppress(RequestTimeoutError):
+                        assert (await slow).n == 2
+                    assert time.monotonic() - started < deadline * 1.1 + 0.05
+                assert (await _ask_until_answered(caller, 3)).n == 3
+                after = caller._running_requester().reply_address
+                assert (after != before) if server.backend == "rabbitmq" else (after == before)
+                assert caller._running_requester().pending == 0
+        finally:
+            await caller_broker.aclose()
+
+
+def _upstream(target: PurgingTarget) -> tuple[str, int]:
+    service = BACKENDS[target.backend].service
+    assert service is not None
+    return service[1], service[2]

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from datetime import datetime
 from enum import StrEnum
 from types import TracebackType
@@ -347,4 +347,85 @@ class GroupAdmin(Protocol):
         the group is not ended by it. Deleting a topic's last group may drop a
         message published to the topic at that same instant.
         """
+        ...
+
+
+@runtime_checkable
+class ReplyInbox(Protocol):
+    """One service instance's ephemeral inbox for replies, opened by a ``ReplyPath``.
+
+    It is not durable and not a topic: no group, no lease, no ack. A reply that
+    reaches it while nobody reads, or after ``aclose``, may be lost; its caller
+    then gets ``RequestTimeoutError`` (request-reply already promises no more).
+    """
+
+    @property
+    def address(self) -> str:
+        """What goes in a request's ``replyto`` now (``ReplyPath.is_direct_address`` is true
+        for it). It changes only after the inbox lost its server-side object and opened a
+        new one; the old address is then reported to the inbox's ``on_lost``."""
+        ...
+
+    def __aiter__(self) -> AsyncIterator[WireMessage]:
+        """The replies, as they arrive, until ``aclose``; iterate once. A lost connection
+        pauses the iteration, which resumes by itself once the server answers again."""
+        ...
+
+    async def aclose(self) -> None:
+        """Stop reading and remove the inbox from the server; safe to call twice."""
+        ...
+
+
+@runtime_checkable
+class ReplyPath(Protocol):
+    """Replies sent straight to the caller's inbox, beside the topic contract.
+
+    A request-reply round trip on the topic contract pays for a consumer group,
+    leases and acks on the reply topic; a reply needs none of them, as its
+    caller waits against a deadline and drops late or duplicate replies anyway.
+    """
+
+    async def open_reply_inbox(
+        self, owner: str, *, on_lost: Callable[[str], None] | None = None
+    ) -> ReplyInbox:
+        """Open an inbox on the server for ``owner`` (a name shown in server-side names).
+
+        ``on_lost(address)`` is called when the inbox's server-side object is gone for
+        good (the address is then replaced): replies sent to ``address`` cannot arrive.
+
+        Raises:
+            BrokerUnavailableError: the server cannot be reached; nothing was left on it.
+            BrokerClosedError: the broker was closed.
+        """
+        ...
+
+    def is_direct_address(self, replyto: str) -> bool:
+        """Whether ``replyto`` is an inbox address of this backend (not a topic name)."""
+        ...
+
+    async def send_reply(self, replyto: str, message: WireMessage) -> None:
+        """Send ``message`` to the inbox at ``replyto``; fire and forget, as a reply is.
+
+        A reply to an inbox that no longer exists is dropped without an error and
+        without leaving anything behind on the server.
+
+        Raises:
+            ConfigurationError: ``replyto`` is not an inbox address of this backend.
+            MessageTooLargeError: over the broker's ``max_message_bytes``.
+            BrokerUnavailableError: not sent; the caller's request will time out.
+        """
+        ...
+
+
+@runtime_checkable
+class DirectReplies(Protocol):
+    """A backend with a direct reply path (Redis, RabbitMQ, NATS).
+
+    Memory and SQLite have none: their reply topic already costs a few
+    microseconds (memory) or one shared commit (SQLite), and a second path would
+    only add code, so request-reply there keeps the topic contract.
+    """
+
+    def direct_replies(self) -> ReplyPath:
+        """This broker's reply path (one object per broker, made on first use)."""
         ...

@@ -30,6 +30,8 @@ class Binding:
     lease_timeout: float
     retry: RetryPolicy
     start: Literal["earliest", "latest"]
+    idempotent: bool = False
+    """Run under the inbox: the handler's store writes and its claim commit together."""
     consumer: Consumer | None = field(default=None, repr=False)
     last_stats: ConsumerStats = field(default_factory=ConsumerStats, repr=False)
     """The counters of the last run, kept after the service stops (final totals)."""

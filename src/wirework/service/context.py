@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from pydantic import BaseModel
 
 from wirework.envelope import Envelope
+from wirework.store.base import Transaction, current_transaction
 
 if TYPE_CHECKING:
     from wirework.service.service import Service
@@ -43,6 +44,20 @@ class Context:
     @property
     def causation_id(self) -> str | None:
         return self.envelope.causationid
+
+    @property
+    def tx(self) -> Transaction:
+        """The inbox's store transaction (handlers declared ``idempotent=True``).
+
+        Write business rows with it, and events with ``ctx.tx.publish(...)``
+        (the transactional outbox): they commit with the claim, or not at all.
+
+        Raises:
+            TransactionError: the handler is not idempotent, so no transaction is open.
+        """
+        tx = current_transaction()
+        tx.default_source = f"/{self.service.name}"
+        return tx
 
     @property
     def idempotency_key(self) -> str:

@@ -56,13 +56,20 @@ from wirework.service.requests import (
     Requester,
     RequestStats,
     deadline_passed,
+    direct_sender,
     error_reply_body,
+    reply_path,
 )
+from wirework.store import Store, connect_store
+from wirework.store.inbox import InboxStats, inbox_middleware
+from wirework.store.outbox import Relay
 
 log = logging.getLogger("wirework.service")
 
 M = TypeVar("M", bound=BaseModel)
 H = TypeVar("H", bound=Callable[..., Awaitable[Any]])
+E = TypeVar("E", bound=Callable[..., Any])
+"""An endpoint handler: a coroutine function, or an async generator for a server stream."""
 
 
 class Service:
@@ -75,6 +82,12 @@ class Service:
             and closes it), or None to read ``WIREWORK_BROKER`` when started.
         clock: time for retries, leases and deadlines (a ``ManualClock`` in tests).
         shutdown_grace: seconds in-flight handlers get when the service stops.
+        store: a ``Store`` (the caller closes it), a URL (the service opens and
+            closes it), or None to read ``WIREWORK_STORE`` when a handler needs
+            one (``idempotent=True``). A service with a store runs an outbox
+            relay, so what ``tx.publish`` wrote reaches the broker.
+        relay: run the outbox relay when the service has a store (default);
+            turn it off where another process relays the same store.
     """
 
     def __init__(
@@ -84,6 +97,8 @@ class Service:
         broker: Broker | str | None = None,
         clock: Clock | None = None,
         shutdown_grace: float = 5.0,
+        store: Store | str | None = None,
+        relay: bool = True,
     ) -> None:
         if not NAME_PATTERN.fullmatch(name):
             raise ConfigurationError(
@@ -99,6 +114,13 @@ class Service:
         self._broker_arg = broker
         self._broker: Broker | None = broker if isinstance(broker, Broker) else None
         self._owns_broker = not isinstance(broker, Broker)
+        self._store_arg = store
+        self._store: Store | None = store if isinstance(store, Store) else None
+        self._owns_store = not isinstance(store, Store)
+        self._relay_wanted = relay
+        self._relay: Relay | None = None
+        self.inbox_stats = InboxStats()
+        """Claims, duplicates and rollbacks of this service's idempotent handlers."""
         self._providers: dict[type[Any], Callable[[], Any]] = {}
         self._overrides: dict[type[Any], Any] = {}
         self._provided: dict[type[Any], Any] = {}
@@ -120,9 +142,24 @@ class Service:
         prefetch: int | None = None,
         lease_timeout: float = 30.0,
         retry: RetryPolicy | None = None,
+        idempotent: bool = False,
     ) -> Callable[[H], H]:
-        """Handle commands on ``queue``; every instance of every service competes for them."""
-        return self._bind("consume", queue, queue, concurrency, prefetch, lease_timeout, retry)
+        """Handle commands on ``queue``; every instance of every service competes for them.
+
+        ``idempotent=True`` runs the handler under the inbox: inside a store
+        transaction (``ctx.tx``) that also records (group, message id), so a
+        redelivered copy is acked without running the handler again.
+        """
+        return self._bind(
+            "consume",
+            queue,
+            queue,
+            concurrency,
+            prefetch,
+            lease_timeout,
+            retry,
+            idempotent=idempotent,
+        )
 
     def subscribe(
         self,
@@ -134,8 +171,12 @@ class Service:
         lease_timeout: float = 30.0,
         retry: RetryPolicy | None = None,
         start: Literal["earliest", "latest"] = "earliest",
+        idempotent: bool = False,
     ) -> Callable[[H], H]:
-        """Get a copy of every event on ``topic`` for ``group`` (default: the service name)."""
+        """Get a copy of every event on ``topic`` for ``group`` (default: the service name).
+
+        ``idempotent=True``: as for ``consume``, once per group.
+        """
         return self._bind(
             "subscribe",
             topic,
@@ -145,6 +186,7 @@ class Service:
             lease_timeout,
             retry,
             start,
+            idempotent=idempotent,
         )
 
     def respond(
@@ -182,6 +224,8 @@ class Service:
         lease_timeout: float,
         retry: RetryPolicy | None,
         start: Literal["earliest", "latest"] = "earliest",
+        *,
+        idempotent: bool = False,
     ) -> Callable[[H], H]:
         check_name("topic", topic)
         check_name("group", group)
@@ -212,6 +256,7 @@ class Service:
                     lease_timeout=lease_timeout,
                     retry=retry or RetryPolicy(),
                     start=start,
+                    idempotent=idempotent,
                 )
             )
             return function
@@ -220,21 +265,21 @@ class Service:
 
     # -- synchronous endpoints (REST and gRPC) ----------------------------------------
 
-    def get(self, path: str, **options: Any) -> Callable[[H], H]:
+    def get(self, path: str, **options: Any) -> Callable[[E], E]:
         """Answer ``GET path`` over REST, and the same handler over gRPC (see ``endpoint``)."""
         return self.endpoint("GET", path, **options)
 
-    def post(self, path: str, **options: Any) -> Callable[[H], H]:
+    def post(self, path: str, **options: Any) -> Callable[[E], E]:
         """Answer ``POST path``; not retried by clients unless it carries an Idempotency-Key."""
         return self.endpoint("POST", path, **options)
 
-    def put(self, path: str, **options: Any) -> Callable[[H], H]:
+    def put(self, path: str, **options: Any) -> Callable[[E], E]:
         return self.endpoint("PUT", path, **options)
 
-    def patch(self, path: str, **options: Any) -> Callable[[H], H]:
+    def patch(self, path: str, **options: Any) -> Callable[[E], E]:
         return self.endpoint("PATCH", path, **options)
 
-    def delete(self, path: str, **options: Any) -> Callable[[H], H]:
+    def delete(self, path: str, **options: Any) -> Callable[[E], E]:
         return self.endpoint("DELETE", path, **options)
 
     def endpoint(
@@ -247,7 +292,7 @@ class Service:
         http: bool = True,
         grpc: bool = True,
         idempotent: bool | None = None,
-    ) -> Callable[[H], H]:
+    ) -> Callable[[E], E]:
         """Declare a synchronous endpoint, served over REST (``http``) and gRPC (``grpc``).
 
         Args:
@@ -257,7 +302,7 @@ class Service:
                 Idempotency-Key (default: GET, PUT and DELETE are, POST and PATCH not).
         """
 
-        def decorate(function: H) -> H:
+        def decorate(function: E) -> E:
             endpoint = inspect_endpoint(
                 function,
                 method=method,
@@ -375,6 +420,28 @@ class Service:
             self._broker = connect(url, clock=self.clock)
         return self._broker
 
+    @property
+    def store(self) -> Store:
+        """The store, opened from the URL (or ``WIREWORK_STORE``) on first use."""
+        if self._store is None:
+            url = self._store_arg if isinstance(self._store_arg, str) else None
+            url = url or os.environ.get("WIREWORK_STORE")
+            if not url:
+                raise ConfigurationError(
+                    f"service {self.name!r} has no store: pass store='sqlite:///app.db' "
+                    f"(or a Store) to Service(), or set WIREWORK_STORE; idempotent handlers "
+                    f"and the outbox keep their records there"
+                )
+            self._store = connect_store(url)
+        return self._store
+
+    def _uses_store(self) -> bool:
+        return (
+            self._store_arg is not None
+            or self._store is not None
+            or any(b.idempotent for b in self.bindings)
+        )
+
     def envelope(
         self,
         body: BaseModel,
@@ -465,7 +532,7 @@ class Service:
         deadline = self.clock.now() + timedelta(seconds=timeout)
         envelope = self.envelope(
             body,
-            replyto=requester.reply_topic,
+            replyto=requester.reply_address,
             extensions={DEADLINE_EXTENSION: deadline.isoformat()},
         )
         reply = await requester.request(subject, envelope, timeout)
@@ -474,7 +541,7 @@ class Service:
     def _running_requester(self) -> Requester:
         if self._requester is None:
             raise ConfigurationError(
-                f"service {self.name!r} is not running: requests need its reply topic, so "
+                f"service {self.name!r} is not running: requests need its reply inbox, so "
                 f"call request() inside `async with service:` (or from a handler)"
             )
         return self._requester
@@ -507,6 +574,9 @@ class Service:
         if self._tasks is not None:
             raise ConfigurationError(f"service {self.name!r} is already running")
         broker = self.broker
+        store = self.store if self._uses_store() else None
+        if store is not None:
+            await store.open()  # migrations run now, not inside the first handler
         requester = Requester(
             broker,
             reply_topic=f"wirework.reply.{self.name}.{self.instance}",
@@ -517,12 +587,16 @@ class Service:
             (self._consumer(topic, group, bindings), bindings)
             for (topic, group), bindings in self._groups().items()
         ]
-        if isinstance(broker, GroupAdmin):
-            # Groups exist before start() returns: what is published next reaches them.
-            reply = requester.reply_topic
-            await broker.declare_group(Subscription(topic=reply, group=reply))
-            for consumer, _ in consumers:
-                await broker.declare_group(consumer.subscription)
+        # The reply inbox (or topic) and the groups exist before start() returns: a
+        # request's reply, and what is published next, reach them.
+        await requester.open()
+        try:
+            if isinstance(broker, GroupAdmin):
+                for consumer, _ in consumers:
+                    await broker.declare_group(consumer.subscription)
+        except BaseException:
+            await asyncio.shield(requester.close())
+            raise
         tasks = asyncio.TaskGroup()
         await tasks.__aenter__()
         self._tasks = tasks
@@ -534,6 +608,9 @@ class Service:
                 binding.consumer = consumer
             where = f"{consumer.subscription.topic}/{consumer.subscription.group}"
             tasks.create_task(consumer.run(), name=f"{self.name} {where}")
+        if store is not None and self._relay_wanted:
+            self._relay = Relay(store, broker)
+            tasks.create_task(self._relay.run(), name=f"{self.name} outbox relay")
 
     async def stop(self, *, grace: float | None = None) -> None:
         """Stop taking messages, let in-flight handlers finish within ``grace``, close."""
@@ -544,6 +621,8 @@ class Service:
         consumers = {id(b.consumer): b.consumer for b in self.bindings if b.consumer is not None}
         try:
             await asyncio.gather(*(c.stop(grace=grace) for c in consumers.values()))
+            if self._relay is not None:
+                await self._relay.stop()  # after the handlers: it relays what they wrote
         finally:
             for task in list(getattr(tasks, "_tasks", ())):
                 task.cancel()
@@ -551,15 +630,25 @@ class Service:
                 await tasks.__aexit__(None, None, None)
             finally:
                 self._tasks = None
+                if self._requester is not None:
+                    # Its task may have been cancelled before it ever ran (a quick stop), and
+                    # then never removed the inbox: close() is idempotent, so always call it.
+                    await asyncio.shield(self._requester.close())
                 self._requester = None
                 for binding in self.bindings:
                     if binding.consumer is not None:
                         binding.last_stats = binding.consumer.stats
                     binding.consumer = None
-                if self._owns_broker and self._broker is not None:
-                    await self._broker.aclose()
-                    self._broker = None
-                self._stopped.set()
+                self._relay = None
+                try:
+                    if self._owns_broker and self._broker is not None:
+                        await self._broker.aclose()
+                        self._broker = None
+                finally:
+                    if self._owns_store and self._store is not None:
+                        await self._store.aclose()
+                        self._store = None
+                    self._stopped.set()
 
     async def run(self) -> None:
         """Run until ``stop()`` is called (from a signal handler, say)."""
@@ -585,6 +674,18 @@ class Service:
             Route(event_type(b.spec.body_model), b.spec.body_model, self._handler(b))
             for b in bindings
         ]
+        middleware = list(self._consume_middleware)
+        idempotent = {event_type(b.spec.body_model) for b in bindings if b.idempotent}
+        if idempotent:
+            # Innermost, so only the handler runs inside the inbox's transaction.
+            middleware.append(
+                inbox_middleware(
+                    self.store,
+                    group,
+                    stats=self.inbox_stats,
+                    when=lambda incoming: incoming.route.event_type in idempotent,
+                )
+            )
         responding = any(b.kind == "respond" for b in bindings)
         return Consumer(
             self.broker,
@@ -598,7 +699,7 @@ class Service:
             routes=routes,
             retry=first.retry,
             concurrency=concurrency,
-            middleware=self._consume_middleware,
+            middleware=middleware,
             on_dead_letter=self._answer_dead_letter if responding else None,
             clock=self.clock,
         )
@@ -623,8 +724,7 @@ class Service:
                 await self._reply_error(envelope, "handler_error", Failure.from_exception(exc))
                 return
             if envelope.replyto:
-                reply = self.envelope(result)
-                await self.publish_envelope(envelope.replyto, reply)
+                await self._send_reply(envelope.replyto, self.envelope(result))
 
         return handle
 
@@ -656,7 +756,29 @@ class Service:
             return
         reply = self.envelope(error_reply_body(reason, failure))
         reply = reply.model_copy(update={"type": ERROR_EVENT_TYPE})
-        await self.publish_envelope(request.replyto, reply)
+        await self._send_reply(request.replyto, reply)
+
+    async def _send_reply(self, replyto: str, reply: Envelope) -> None:
+        """Answer through the caller's direct inbox when ``replyto`` is one of this broker's,
+        else on the reply topic it names (a caller without a direct inbox, or an older one).
+
+        Either way the reply passes through the publish middleware.
+        """
+        path = reply_path(self.broker)
+        if path is not None and path.is_direct_address(replyto):
+            app: Publish = direct_sender(path)
+            for layer in reversed(self._publish_middleware):
+                app = layer(app)
+            await app(replyto, reply, None, 0.0)
+        elif NAME_PATTERN.fullmatch(replyto):
+            await self.publish_envelope(replyto, reply)
+        else:
+            log.warning(
+                "cannot answer request %s: replyto %r is neither a topic nor a reply inbox "
+                "of this broker (a caller on another backend?)",
+                reply.causationid,
+                replyto,
+            )
 
     async def _answer_dead_letter(
         self, delivery: Delivery, reason: DeadLetterReason, failure: Failure
@@ -670,7 +792,7 @@ class Service:
             if not (replyto and request_id):
                 return
             request = Envelope(id=request_id, source="/unknown", type="unknown", replyto=replyto)
-        if request.replyto is None or not NAME_PATTERN.fullmatch(request.replyto):
+        if not request.replyto:
             return
         token = current_incoming.set(
             Incoming(delivery=delivery, envelope=request, route=_NO_ROUTE, body=_EMPTY)

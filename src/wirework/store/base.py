@@ -92,6 +92,8 @@ class Transaction(ABC):
         self.closed = False
         self.outbox_rows = 0
         """Outbox rows written; a commit with any wakes the relays."""
+        self.default_source: str | None = None
+        """The ``source`` of events ``publish`` wraps from a bare body (a service sets it)."""
         self.failed: StoreError | None = None
         """The first statement error: it spoils the transaction, which then cannot commit."""
 

@@ -90,6 +90,7 @@ async def write(
         if key is not None and envelope.key != key:
             envelope = envelope.model_copy(update={"key": key})
     else:
+        source = source or tx.default_source
         if source is None:
             raise ConfigurationError(
                 "tx.publish(topic, body) needs source= (e.g. '/orders') to build the "

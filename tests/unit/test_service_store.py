@@ -1,0 +1,151 @@
+"""A Service with a store: idempotent handlers under the inbox, ``ctx.tx``, the outbox relay.
+
+The broker is ``memory://`` and the store a SQLite file: the inbox and outbox
+logic is the store's (tested on both stores in ``tests/store``); this proves
+the service wires it: the decorator flag, the transaction in ``ctx``, the
+relay's life with the service's, and the errors a user meets first.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import BaseModel
+
+from wirework.brokers import connect
+from wirework.errors import ConfigurationError, TransactionError
+from wirework.service import Context, Service
+from wirework.testing.conformance import wait_until
+
+
+class Pay(BaseModel):
+    order_id: str
+    cents: int
+
+
+class Paid(BaseModel):
+    order_id: str
+
+
+@pytest.fixture
+def store_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'store.db'}"
+
+
+async def test_a_redelivered_copy_is_acked_without_running_the_handler(store_url: str) -> None:
+    broker = connect("memory://")
+    svc = Service("payments", broker=broker, store=store_url)
+    runs: list[str] = []
+
+    @svc.consume("payments.pay", idempotent=True)
+    async def pay(command: Pay, ctx: Context) -> None:
+        runs.append(command.order_id)
+        await ctx.tx.execute(
+            "INSERT INTO payments (order_id, cents) VALUES ($1, $2)",
+            command.order_id,
+            command.cents,
+        )
+
+    async with svc.store.transaction() as tx:
+        await tx.execute("CREATE TABLE payments (order_id TEXT, cents INTEGER)")
+    async with svc:
+        envelope = svc.envelope(Pay(order_id="o-1", cents=500))
+        await svc.publish_envelope("payments.pay", envelope)
+        await svc.publish_envelope("payments.pay", envelope)  # the same message id again
+        await wait_until(lambda: svc.inbox_stats.duplicates == 1, 10, what="duplicate")
+        async with svc.store.transaction() as tx:
+            rows = await tx.fetch("SELECT order_id, cents FROM payments")
+    await broker.aclose()
+
+    assert runs == ["o-1"]
+    assert rows == [{"order_id": "o-1", "cents": 500}]
+    assert svc.inbox_stats.claimed == 1
+
+
+async def test_ctx_tx_publish_reaches_subscribers_once_and_not_when_rolled_back(
+    store_url: str,
+) -> None:
+    broker = connect("memory://")
+    svc = Service("payments", broker=broker, store=store_url)
+    listener = Service("ledger", broker=broker)
+    seen: list[tuple[str, str | None]] = []
+    attempts: list[int] = []
+
+    @svc.consume("payments.pay", idempotent=True)
+    async def pay(command: Pay, ctx: Context) -> None:
+        attempts.append(ctx.attempt)
+        await ctx.tx.publish("payments.events", Paid(order_id=command.order_id))
+        if ctx.attempt == 1:
+            raise RuntimeError("card network hiccup")  # rolls the event back with the claim
+
+    @listener.subscribe("payments.events")
+    async def on_paid(event: Paid, ctx: Context) -> None:
+        seen.append((event.order_id, ctx.causation_id))
+
+    async with listener, svc:
+        sent = await svc.send("payments.pay", Pay(order_id="o-2", cents=900))
+        await wait_until(lambda: len(seen) == 1, 10, what="the relayed event")
+        await wait_until(lambda: svc.inbox_stats.claimed == 1, 10, what="the claim")
+    await broker.aclose()
+
+    assert attempts == [1, 2]
+    assert seen == [("o-2", sent.id)]  # once, caused by the command, from the committed try
+    assert svc.inbox_stats.rolled_back == 1
+
+
+async def test_ctx_tx_outside_an_idempotent_handler_says_how_to_get_one() -> None:
+    broker = connect("memory://")
+    svc = Service("payments", broker=broker)
+    errors: list[Exception] = []
+
+    @svc.consume("payments.pay")
+    async def pay(command: Pay, ctx: Context) -> None:
+        try:
+            ctx.tx  # noqa: B018 - the access is the test
+        except TransactionError as exc:
+            errors.append(exc)
+
+    async with svc:
+        await svc.send("payments.pay", Pay(order_id="o-3", cents=1))
+        await wait_until(lambda: bool(errors), 10, what="the handler")
+    await broker.aclose()
+
+    assert "idempotent=True" in str(errors[0])
+
+
+async def test_an_idempotent_handler_without_a_store_fails_at_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("WIREWORK_STORE", raising=False)
+    broker = connect("memory://")
+    svc = Service("payments", broker=broker)
+
+    @svc.consume("payments.pay", idempotent=True)
+    async def pay(command: Pay) -> None:
+        return None
+
+    with pytest.raises(ConfigurationError, match="WIREWORK_STORE"):
+        await svc.start()
+    await broker.aclose()
+
+
+async def test_the_store_comes_from_wirework_store_and_closes_with_the_service(
+    store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WIREWORK_STORE", store_url)
+    broker = connect("memory://")
+    svc = Service("payments", broker=broker)
+
+    @svc.consume("payments.pay", idempotent=True)
+    async def pay(command: Pay) -> None:
+        return None
+
+    async with svc:
+        opened = svc.store
+        await svc.send("payments.pay", Pay(order_id="o-4", cents=1))
+        await wait_until(lambda: svc.inbox_stats.claimed == 1, 10, what="the claim")
+    await broker.aclose()
+
+    assert svc.store is not opened  # closed at stop; the next use opens it again
+    await svc.store.aclose()
