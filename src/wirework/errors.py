@@ -35,6 +35,7 @@ so callers never need to import redis, aio-pika or sqlite3 to catch ours::
     ├── RequestError                  a request over messaging got no good reply
     │   ├── RequestTimeoutError       no reply by the deadline (also a TimeoutError)
     │   ├── RemoteError               the responder failed; carries its error type
+    │   ├── ReplyLostError            the reply inbox died with its connection (retriable)
     │   └── TooManyPendingRequestsError  the instance's pending-request limit is reached
     └── CallError                     what a REST or gRPC handler raises to answer with an error
         ├── BadRequestError           400, INVALID_ARGUMENT: the input cannot be used
@@ -220,6 +221,26 @@ class RemoteError(RequestError):
         self.remote_type = remote_type
         self.remote_message = message
         self.reason = reason
+
+
+class ReplyLostError(RequestError):
+    """The caller's reply inbox died with its connection, so this reply can never arrive.
+
+    The request may still have been handled: retry it only if it is safe to repeat.
+    """
+
+    retriable = True
+    http_status = 503
+    grpc_code = "UNAVAILABLE"
+
+    def __init__(self, subject: str, address: str) -> None:
+        super().__init__(
+            f"the reply to {subject!r} cannot arrive: this instance's reply inbox "
+            f"{address!r} was lost with its broker connection (a new one replaces it). "
+            f"The request may still be handled; retry it if it is safe to repeat"
+        )
+        self.subject = subject
+        self.address = address
 
 
 class TooManyPendingRequestsError(RequestError):

@@ -34,9 +34,9 @@ from wirework.brokers.base import (
     ReplyInbox,
 )
 from wirework.envelope import Envelope
-from wirework.errors import BrokerUnavailableError, RemoteError, RequestTimeoutError
+from wirework.errors import BrokerUnavailableError, RemoteError, ReplyLostError, RequestTimeoutError
 from wirework.service import Context, Service
-from wirework.service.requests import ReplyLostError, Requester
+from wirework.service.requests import Requester
 from wirework.testing.conformance import ConformanceTarget, wait_until
 
 CONCURRENT = 5_000

@@ -150,6 +150,7 @@ def test_retriable_flag(cls: type[WireworkError]) -> None:
         errors.StoreUnavailableError,
         errors.StoreBusyError,
         errors.StoreConflictError,
+        errors.ReplyLostError,  # the request may have been handled: retry what is safe to repeat
     }
 
     assert cls.retriable is (cls in retriable)

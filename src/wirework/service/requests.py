@@ -55,15 +55,15 @@ from wirework.errors import (
     BrokerError,
     DecodeError,
     RemoteError,
-    RequestError,
+    ReplyLostError,
     RequestTimeoutError,
     TooManyPendingRequestsError,
 )
+from wirework.resilience.carriers import DEADLINE_EXTENSION as DEADLINE_EXTENSION
 
 log = logging.getLogger("wirework.requests")
 
 ERROR_EVENT_TYPE = "wirework.error"
-DEADLINE_EXTENSION = "deadline"
 MAX_PENDING_REQUESTS = 10_000
 _REMEMBERED = 10_000
 
@@ -74,24 +74,6 @@ class RemoteFailure(BaseModel):
     error_type: str
     message: str
     reason: str = "handler_error"
-
-
-class ReplyLostError(RequestError):
-    """The caller's reply inbox died with its connection, so this reply can never arrive.
-
-    The request may still have been handled: retry it only if it is safe to repeat.
-    """
-
-    retriable = True
-
-    def __init__(self, subject: str, address: str) -> None:
-        super().__init__(
-            f"the reply to {subject!r} cannot arrive: this instance's reply inbox "
-            f"{address!r} was lost with its broker connection (a new one replaces it). "
-            f"The request may still be handled; retry it if it is safe to repeat"
-        )
-        self.subject = subject
-        self.address = address
 
 
 @dataclass
@@ -134,6 +116,8 @@ def deadline_passed(envelope: Envelope, now: datetime) -> bool:
         deadline = datetime.fromisoformat(raw)
     except ValueError:
         return False
+    if deadline.tzinfo is None:
+        return False  # not ours (we write UTC offsets): ignored, as a malformed one is
     return deadline <= now
 
 
