@@ -1,9 +1,12 @@
-"""``make demo``: six orders through the shop, with the flow of each printed.
+"""``make demo``: orders through the shop, with the flow of each printed.
 
-Orders are placed as commands on a queue; orders asks inventory by
-request-reply; OrderPlaced fans out to notifications and analytics; labels go
-to a pool of two shipping workers; one order is poison for analytics and ends
-in the dead letters, without holding anything else up.
+Orders arrive over REST (``POST /v1/orders``) and are queued as commands;
+orders asks inventory by request-reply and charges payments over gRPC behind
+its resilience policies; OrderPlaced fans out to notifications and analytics;
+labels go to a pool of two shipping workers; one order is poison for analytics
+and ends in the dead letters, without holding anything else up. Then the
+demo cuts payments off: the circuit breaker opens, orders are turned down
+fast (their stock given back), and once payments heals one probe closes it.
 """
 
 from __future__ import annotations
@@ -28,10 +31,13 @@ from examples.shop.flow import FlowLog
 from examples.shop.inventory import inventory
 from examples.shop.models import PlaceOrder
 from examples.shop.notifications import notifications
-from examples.shop.orders import orders
+from examples.shop.orders import VIEWS, Payments, get_order, orders, submit_order
+from examples.shop.payments import GATE, payments
 from examples.shop.shipping import PRINTED, shipping_worker
 from wirework.brokers import Broker, DeadLetterStore, Inspectable, connect
-from wirework.envelope import Envelope
+from wirework.grpc import GrpcClient, GrpcServer
+from wirework.http import HttpClient, HttpServer, http_app
+from wirework.resilience.breaker import CircuitState, Transition
 from wirework.service import Service
 
 console = Console(highlight=False)
@@ -104,6 +110,7 @@ async def main() -> None:
     workers = {name: shipping_worker(name) for name in ("worker-a", "worker-b")}
     services: dict[str, Service] = {
         "orders": orders,
+        "payments": payments,
         "inventory": inventory,
         "notifications": notifications,
         "analytics": analytics,
@@ -112,15 +119,25 @@ async def main() -> None:
     for label, service in services.items():
         service.use_broker(shared or url)
         service.use(flow.recorder(label))
-    front = Service("storefront", broker=shared or url)
+    rest_server = HttpServer(http_app(orders))
+    grpc_server = GrpcServer(orders, payments)
     try:
         for service in services.values():
             await service.start()
-        async with front:
-            console.print(f"placing {len(ORDERS)} orders on the [bold]orders.place[/] queue…")
-            sent: dict[str, Envelope] = {}
+        await rest_server.start()
+        await grpc_server.start()
+        # Where orders finds payments (a file or this variable in a real deployment).
+        os.environ["WIREWORK_REGISTRY"] = f"payments=grpc://127.0.0.1:{grpc_server.port}"
+        console.print(
+            f"orders answers REST on {rest_server.url} (OpenAPI at /openapi.json) and gRPC "
+            f"on 127.0.0.1:{grpc_server.port} with payments (`wirework proto` prints the .proto)"
+        )
+        async with HttpClient(orders, address=rest_server.url) as storefront:
+            console.print(f"placing {len(ORDERS)} orders with [bold]POST /v1/orders[/]…")
+            sent: dict[str, str] = {}
             for order in ORDERS:
-                sent[order.order_id] = await front.send("orders.place", order, key=order.order_id)
+                accepted = await storefront.call(submit_order, order=order)
+                sent[order.order_id] = accepted.correlation_id
             await wait_for(lambda: len(notifications_module.SENT) == len(ORDERS), "notifications")
             await wait_for(lambda: sum(map(len, PRINTED.values())) == 4, "shipping labels")
             await wait_for(
@@ -130,26 +147,78 @@ async def main() -> None:
                 ),
                 "analytics",
             )
+            broker = shared or connect(url)
+            try:
+                await report(flow, sent, broker, url)
+            finally:
+                if shared is None:
+                    await broker.aclose()
+            async with GrpcClient(orders, address=f"127.0.0.1:{grpc_server.port}") as grpc:
+                view = await grpc.call(get_order, order_id="o-1")
+            console.print(f"\norder o-1 over gRPC GetOrder: {view.status} ({view.detail})")
+            await outage(storefront, orders.resolve(Payments, "the demo"))
+    finally:
+        await grpc_server.stop(1)
+        await rest_server.stop()
         for service in services.values():
             await service.stop(grace=2)
-        broker = shared or connect(url)
-        try:
-            await report(flow, sent, broker, url)
-        finally:
-            await broker.aclose()
-    finally:
-        for service in services.values():
-            await service.stop(grace=0)
+        if shared is not None:
+            await shared.aclose()
 
 
-async def report(flow: FlowLog, sent: dict[str, Envelope], broker: Broker, url: str) -> None:
+async def outage(storefront: HttpClient, pay: Payments) -> None:
+    """Cut payments off: the breaker opens, orders fail fast; heal it: one probe closes it."""
+    console.rule("[bold]payment outage[/]")
+    breaker = pay.breaker
+    started = breaker.clock.monotonic()
+
+    def show(transition: Transition) -> None:
+        console.print(
+            f"  +{transition.at - started:5.2f} s  circuit to payments: "
+            f"[bold]{transition.previous}[/] -> [bold]{transition.state}[/] ({transition.reason})"
+        )
+
+    breaker.add_listener(show)
+    GATE.down = True
+    attempts_before = GATE.attempts
+    down = [
+        PlaceOrder(order_id=f"o-{n}", customer="gus", sku="mug", quantity=1, total_cents=900)
+        for n in range(7, 13)
+    ]
+    console.print(f"payments is down; placing {len(down)} orders…")
+    for order in down:
+        await storefront.call(submit_order, order=order)
+    await wait_for(
+        lambda: all(VIEWS[o.order_id].status == "rejected" for o in down), "rejected orders"
+    )
+    table = Table("order", "status", "why", title="orders during the outage")
+    for order in down:
+        view = VIEWS[order.order_id]
+        table.add_row(view.order_id, view.status, view.detail)
+    console.print(table)
+    console.print(
+        f"payments saw {GATE.attempts - attempts_before} charge attempts for {len(down)} orders "
+        f"(retries with an idempotency key, then the open circuit turned calls down at once); "
+        f"breaker: {breaker.stats.rejections} calls rejected while open"
+    )
+    GATE.down = False
+    console.print("payments is back; the circuit lets one probe through after its cool-down…")
+    await wait_for(lambda: breaker.state is CircuitState.HALF_OPEN, "the cool-down")
+    probe = PlaceOrder(order_id="o-13", customer="hal", sku="mug", quantity=1, total_cents=900)
+    await storefront.call(submit_order, order=probe)
+    await wait_for(lambda: VIEWS["o-13"].status != "accepted", "the probe order")
+    console.print(
+        f"order o-13: {VIEWS['o-13'].status} ({VIEWS['o-13'].detail}); circuit {breaker.state}"
+    )
+
+
+async def report(flow: FlowLog, sent: dict[str, str], broker: Broker, url: str) -> None:
     console.print(
         "Each order's flow: who handled which message, and what caused it "
         "(ids shortened to 8 characters)."
     )
     for order in ORDERS:
-        envelope = sent[order.order_id]
-        correlation = envelope.correlationid or envelope.id
+        correlation = sent[order.order_id]
         console.print(
             f"\n[bold]{order.order_id}[/] {order.quantity} x {order.sku}  "
             f"[dim]correlation {correlation}[/]"

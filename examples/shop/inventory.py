@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from examples.shop.models import ReserveStock, StockReservation
+from examples.shop.models import ReleaseStock, ReserveStock, StockReservation
 from wirework.service import Context, Service
 
 inventory = Service("inventory")
@@ -18,3 +18,10 @@ async def reserve(request: ReserveStock, ctx: Context) -> StockReservation:
         return StockReservation(order_id=request.order_id, reserved=False, left=left)
     STOCK[request.sku] = left - request.quantity
     return StockReservation(order_id=request.order_id, reserved=True, left=STOCK[request.sku])
+
+
+@inventory.respond("inventory.release")
+async def release(request: ReleaseStock, ctx: Context) -> StockReservation:
+    """Give reserved units back (orders' compensation when payment fails)."""
+    STOCK[request.sku] = STOCK.get(request.sku, 0) + request.quantity
+    return StockReservation(order_id=request.order_id, reserved=False, left=STOCK[request.sku])

@@ -61,3 +61,43 @@ class PrintLabel(BaseModel):
     __event_type__: ClassVar[str] = "shop.print_label"
     order_id: str
     customer: str
+
+
+class OrderAccepted(BaseModel):
+    """What ``POST /v1/orders`` answers: the order is queued; follow it by its correlation."""
+
+    order_id: str
+    correlation_id: str
+
+
+class OrderView(BaseModel):
+    """What ``GET /v1/orders/{order_id}`` (and gRPC ``GetOrder``) answers."""
+
+    order_id: str
+    status: str
+    detail: str = ""
+
+
+class ChargeRequest(BaseModel):
+    """Orders asks payments (over gRPC) to charge a customer for an order."""
+
+    order_id: str
+    customer: str
+    amount_cents: int
+
+
+class Charge(BaseModel):
+    """Payments' answer: the charge, the same one however often it is asked."""
+
+    order_id: str
+    charge_id: str
+    amount_cents: int
+
+
+class ReleaseStock(BaseModel):
+    """Compensation sent to inventory when an order cannot be paid: give the units back."""
+
+    __event_type__: ClassVar[str] = "shop.release_stock"
+    order_id: str
+    sku: str
+    quantity: int

@@ -71,3 +71,11 @@ def run_demo(tmp_path: Path, broker: str) -> None:
     assert re.search(r"analytics\s+shop\.order_placed\s+\w+ <- \w+\s+3 attempts", out)
     assert out.count("max_deliveries after 3 attempts") == 1, "exactly this run's poison"
     assert (tmp_path / ".demo" / "shop.db").exists() is (not broker)
+    assert re.search(r"order o-1 over gRPC GetOrder: placed \(charge ch-\d+\)", out)
+    # The outage: the breaker opens, every order then is turned down, a probe closes it.
+    assert re.search(r"circuit to payments: closed -> open", out), out[-3000:]
+    assert len(re.findall(r"│ o-(?:7|8|9|10|11|12)\s+│ rejected │ payment failed", out)) == 6
+    assert "(CircuitOpenError)" in out, "later orders were refused without calling payments"
+    assert re.search(r"open -> half_open \(cool-down over\)", out)
+    assert re.search(r"half_open -> closed \(probe succeeded\)", out)
+    assert "order o-13: placed" in out
