@@ -92,7 +92,7 @@ async def http_caller(port: int) -> AsyncIterator[Call]:
 
 @contextlib.asynccontextmanager
 async def grpc_caller(port: int, modules: tuple[Any, Any]) -> AsyncIterator[Call]:
-    import grpc
+    import grpc  # type: ignore[import-untyped]
 
     messages, stubs = modules
     request = messages.QuoteRequest(**BODY)

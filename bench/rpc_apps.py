@@ -4,15 +4,16 @@ The handler prices a quote: it reads ``{sku, qty, currency}`` and answers
 ``{sku, qty, unit_price, total, currency}``. Each server runs alone in its own
 process (one core), so the bench's client has the other:
 
-* ``wirework-rest``: ``@svc.post("/v1/quote")`` served by ``wirework.http`` on uvicorn;
+* ``wirework-rest``: ``@svc.post("/v1/quote")`` served by ``wirework.http.HttpServer``
+  (uvicorn's httptools protocol plus wirework's header limits);
 * ``fastapi``: the same pydantic models in a FastAPI route on the same uvicorn;
 * ``starlette``: a plain Starlette handler (orjson in, orjson out, no validation);
 * ``wirework-grpc``: the same wirework handler served by ``wirework.grpc``;
 * ``grpcio``: a plain grpcio servicer on classes ``protoc`` generated from the
   ``.proto`` wirework emits, so both gRPC servers put the same bytes on the wire.
 
-The three HTTP servers run uvicorn with the same settings (uvloop, httptools,
-no access log); both gRPC servers run grpc.aio on the standard asyncio loop.
+The three HTTP servers run uvicorn on uvloop with httptools and no access log;
+both gRPC servers run grpc.aio on the standard asyncio loop.
 The process writes its port to the file named on the command line once it
 listens, and serves until SIGTERM.
 """
@@ -106,7 +107,8 @@ def starlette_app() -> Any:
 
 def generated_modules(directory: Path) -> tuple[ModuleType, ModuleType]:
     """``protoc``'s Python classes for wirework's emitted ``.proto`` (messages, stubs)."""
-    from grpc_tools import protoc
+    from grpc_tools import protoc  # type: ignore[import-untyped]
+
     from wirework.grpc.proto import render_proto
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -142,13 +144,14 @@ async def serve_http(kind: str, port_file: Path, stop: asyncio.Event) -> None:
     import uvicorn
 
     if kind == "wirework-rest":
-        from wirework.http import http_app
+        # What ships: HttpServer, with the header limits and timeouts uvicorn lacks.
+        from wirework.http import HttpServer, http_app
 
-        app: Any = http_app(svc)
-    elif kind == "fastapi":
-        app = fastapi_app()
-    else:
-        app = starlette_app()
+        async with HttpServer(http_app(svc)) as wirework_server:
+            announce(port_file, wirework_server.port)
+            await stop.wait()
+        return
+    app = fastapi_app() if kind == "fastapi" else starlette_app()
     config = uvicorn.Config(
         app,
         host="127.0.0.1",
@@ -173,7 +176,7 @@ async def serve_http(kind: str, port_file: Path, stop: asyncio.Event) -> None:
 
 
 async def serve_grpc(kind: str, port_file: Path, stop: asyncio.Event) -> None:
-    import grpc
+    import grpc  # type: ignore[import-untyped]
 
     if kind == "wirework-grpc":
         from wirework.grpc.server import GrpcServer
