@@ -29,8 +29,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from wirework.clock import SYSTEM_CLOCK, wait_first
 from wirework.consumer import ConsumerStats
 from wirework.errors import ConfigurationError, WireworkError
+from wirework.listeners import Listeners
 from wirework.service import Binding, Service
 from wirework.service.requests import RequestStats
 
@@ -296,6 +298,8 @@ class Runner:
         handle_signals: install SIGTERM/SIGINT handlers (off when embedding).
         abandon_after: seconds a forced stop may take before ``os._exit``;
             None never exits the process from under its owner.
+        listeners: REST and gRPC servers to open once every service has
+            started, and to close before any stops (``--http``, ``--grpc``).
     """
 
     def __init__(
@@ -306,6 +310,7 @@ class Runner:
         parent_pid: int | None = None,
         handle_signals: bool = True,
         abandon_after: float | None = ABANDON_AFTER,
+        listeners: Listeners | None = None,
     ) -> None:
         if grace < 0:
             raise ConfigurationError(f"grace must be 0 or more seconds, got {grace}")
@@ -322,6 +327,12 @@ class Runner:
         self._forced: int | None = None
         self._failures: list[int] = []  # the exit code each failure asks for
         self._timers: list[asyncio.TimerHandle] = []
+        self.listeners = listeners
+        self._started = 0
+        self._all_started = asyncio.Event()
+        self._listeners_closed = asyncio.Event()
+        if listeners is None or not listeners.wanted:
+            self._listeners_closed.set()
 
     def snapshot(self) -> Snapshot:
         """The counters now (zeros for a service that has not started)."""
@@ -402,6 +413,8 @@ class Runner:
                     tasks.create_task(self._report(watch, every), name="report")
                 if self.parent_pid is not None:
                     tasks.create_task(self._watch_parent(self.parent_pid), name="parent")
+                if not self._listeners_closed.is_set():
+                    tasks.create_task(self._listen(), name="listeners")
                 self.state = "running"
                 log.info(
                     "starting %d service(s) in pid %d; SIGTERM or Ctrl-C stops gracefully "
@@ -434,7 +447,12 @@ class Runner:
                 starting = False
                 self._watch_counts(service)
                 log.info("started %s: %s", service.name, _describe(service))
+                self._started += 1
+                if self._started == len(self.services):
+                    self._all_started.set()
                 await self._stop.wait()
+                # Calls in flight finish before their services' brokers close.
+                await self._listeners_closed.wait()
             except asyncio.CancelledError:
                 if self._forced is not None:
                     raise
@@ -489,6 +507,30 @@ class Runner:
         except Exception:
             # The view is not worth stopping the services for.
             log.exception("the progress display failed; the services keep running")
+
+    async def _listen(self) -> None:
+        """Open the listeners once every service runs; close them first when stopping."""
+        listeners = self.listeners
+        try:
+            if listeners is None:
+                return
+            await wait_first(self._all_started, self._stop, clock=SYSTEM_CLOCK, pause=None)
+            if self._stop.is_set():
+                return
+            try:
+                await listeners.start()
+            except WireworkError as exc:
+                config = isinstance(exc, ConfigurationError)
+                self._failures.append(EXIT_CONFIG if config else EXIT_FAILED)
+                log.error("cannot open the listeners: %s", exc)
+                self.request_stop("a listener failed")
+                return
+            try:
+                await self._stop.wait()
+            finally:
+                await asyncio.shield(listeners.stop())
+        finally:
+            self._listeners_closed.set()
 
     async def _watch_parent(self, parent_pid: int) -> None:
         while not self._stop.is_set():

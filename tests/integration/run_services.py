@@ -58,3 +58,17 @@ def make_audit() -> Service:
 
 
 not_a_service = 42
+
+
+class Pong(BaseModel):
+    n: int
+    pid: int
+
+
+api = Service("run-api")
+
+
+@api.get("/v1/ping/{n}")
+async def ping(n: int) -> Pong:
+    """Answers with the worker's pid, so a test sees which process served it."""
+    return Pong(n=n, pid=os.getpid())

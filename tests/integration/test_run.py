@@ -13,6 +13,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -327,3 +328,75 @@ async def test_plain_output_has_start_summary_and_stop_lines(launch: Launcher) -
     assert re.search(r"stopped run-audit: handled=3 ", out), out
     assert "all services stopped (exit 0)" in out
     assert "\x1b" not in out, "escape codes in plain output"
+
+
+API = f"{SERVICES}:api"
+
+
+def _listening(output: str, kind: str) -> int | None:
+    pattern = r"REST on http://127\.0\.0\.1:(\d+)" if kind == "http" else r"gRPC on [\d.]+:(\d+)"
+    found = re.search(pattern, output)
+    return int(found.group(1)) if found else None
+
+
+async def test_run_serves_endpoints_over_rest_and_grpc_and_stops_them(launch: Launcher) -> None:
+    """--http and --grpc open once the services run; SIGTERM closes them and exits 0."""
+    from tests.integration.run_services import ping
+    from wirework.grpc import GrpcClient
+    from wirework.http import HttpClient
+
+    run = launch.start("--http", ":0", "--grpc", "127.0.0.1:0", API)
+    await run.wait_until(
+        lambda: None not in (_listening(run.output, "http"), _listening(run.output, "grpc")),
+        20,
+        what="ports",
+    )
+    http_port, grpc_port = _listening(run.output, "http"), _listening(run.output, "grpc")
+    async with HttpClient(api_service(), address=f"http://127.0.0.1:{http_port}") as rest:
+        over_rest = await rest.call(ping, n=7)
+    async with GrpcClient(api_service(), address=f"127.0.0.1:{grpc_port}") as grpc:
+        over_grpc = await grpc.call(ping, n=8)
+
+    assert (over_rest.n, over_rest.pid) == (7, run.process.pid)
+    assert (over_grpc.n, over_grpc.pid) == (8, run.process.pid)
+    run.terminate()
+    assert await run.exited(10) == 0, run.output
+
+
+async def test_workers_share_the_http_port(launch: Launcher) -> None:
+    """With --workers 2 both processes accept on one port (SO_REUSEPORT)."""
+    import aiohttp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    run = launch.start("--workers", "2", "--http", f"127.0.0.1:{port}", API)
+    await run.wait_until(
+        lambda: run.output.count(f"REST on http://127.0.0.1:{port}") == 2, 30, what="workers"
+    )
+    seen: set[int] = set()
+
+    async def two_workers_answered() -> bool:
+        # A new connection per call: the kernel spreads connections, not requests.
+        connector = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            for n in range(20):
+                async with session.get(f"http://127.0.0.1:{port}/v1/ping/{n}") as response:
+                    seen.add((await response.json())["pid"])
+        return len(seen) == 2
+
+    await run.wait_until(two_workers_answered, 30, what="both workers answering")
+    run.terminate()
+    assert await run.exited(KILL_MARGIN + 10) == 0, run.output
+
+
+async def test_http_without_endpoints_is_a_usage_error(launch: Launcher) -> None:
+    run = launch.start("--http", ":0", JOBS)
+    assert await run.exited(20) == 2, run.output
+    assert "none of the services (run-jobs) declares an endpoint" in run.output
+
+
+def api_service() -> Service:
+    from tests.integration.run_services import api
+
+    return api

@@ -25,6 +25,7 @@ from rich.text import Text
 
 from wirework.cli._common import EXIT_USAGE, console, describe, fail, run
 from wirework.errors import ConfigurationError
+from wirework.listeners import Address, Listeners
 from wirework.runner import (
     COUNTED,
     Runner,
@@ -82,6 +83,25 @@ def run_command(
             show_default=False,
         ),
     ] = None,
+    http: Annotated[
+        str | None,
+        typer.Option(
+            "--http",
+            metavar="HOST:PORT",
+            help="Serve the services' endpoints over REST here (e.g. :8000 or 0.0.0.0:8000); "
+            "OpenAPI at /openapi.json. With --workers, every worker shares the port.",
+            show_default=False,
+        ),
+    ] = None,
+    grpc: Annotated[
+        str | None,
+        typer.Option(
+            "--grpc",
+            metavar="HOST:PORT",
+            help="Serve the same endpoints over gRPC here (`wirework proto` prints the .proto).",
+            show_default=False,
+        ),
+    ] = None,
     no_live: Annotated[
         bool, typer.Option("--no-live", help="Print log lines even on a terminal.")
     ] = False,
@@ -103,17 +123,25 @@ def run_command(
     try:
         services = load_services(targets)
         check_brokers(services)
+        listeners = Listeners(
+            services,
+            http=Address.parse(http, option="--http") if http else None,
+            grpc=Address.parse(grpc, option="--grpc") if grpc else None,
+            shared_port=worker_of is not None,
+            grace=grace,
+        )
     except ConfigurationError as exc:
         fail(describe(exc), code=EXIT_USAGE)
     out = console()
     if workers > 1 and worker_of is None:
         _log_to(out, live=False, tag="[supervisor] ")
-        supervisor = Supervisor(_worker_command(targets, grace), workers=workers, grace=grace)
+        command = _worker_command(targets, grace, http=http, grpc=grpc)
+        supervisor = Supervisor(command, workers=workers, grace=grace)
         raise typer.Exit(run(supervisor.run()))
     tag = f"[worker {worker_index} pid {os.getpid()}] " if worker_of is not None else ""
     live = out.is_terminal and not no_live and worker_of is None
     _log_to(out, live=live, tag=tag)
-    runner = Runner(services, grace=grace, parent_pid=worker_of)
+    runner = Runner(services, grace=grace, parent_pid=worker_of, listeners=listeners)
     if not live:
         raise typer.Exit(run(runner.serve(watch=log_summaries())))
     with Live(
@@ -239,7 +267,9 @@ def _log_to(out: Console, *, live: bool, tag: str) -> None:
     logging.getLogger("wirework.run").setLevel(logging.INFO)
 
 
-def _worker_command(targets: Sequence[str], grace: float) -> Callable[[int], list[str]]:
+def _worker_command(
+    targets: Sequence[str], grace: float, *, http: str | None, grpc: str | None
+) -> Callable[[int], list[str]]:
     """How the supervisor starts worker ``index``: this command again, as a worker.
 
     A fresh interpreter per worker (not a fork) imports the targets by name,
@@ -247,6 +277,7 @@ def _worker_command(targets: Sequence[str], grace: float) -> Callable[[int], lis
     run`` because it is one.
     """
     parent = str(os.getpid())
+    listen = [*(["--http", http] if http else []), *(["--grpc", grpc] if grpc else [])]
 
     def command(index: int) -> list[str]:
         return [
@@ -261,6 +292,7 @@ def _worker_command(targets: Sequence[str], grace: float) -> Callable[[int], lis
             parent,
             "--worker-index",
             str(index),
+            *listen,
             "--",
             *targets,
         ]

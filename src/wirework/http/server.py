@@ -179,8 +179,11 @@ class HttpServer:
         limits: HttpLimits | None = None,
         grace: float = 5.0,
         backlog: int = 2048,
+        reuse_port: bool = False,
     ) -> None:
         self.app = app
+        self.reuse_port = reuse_port
+        """Bind with SO_REUSEPORT, so worker processes share one port (the kernel balances)."""
         self.host = host
         self.requested_port = port
         self.limits = limits or _limits_of(app)
@@ -253,6 +256,8 @@ class HttpServer:
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self.reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((self.host, self.requested_port))
             sock.listen(self.backlog)
             sock.setblocking(False)
