@@ -5,8 +5,11 @@ from __future__ import annotations
 import typer
 
 from wirework.cli.dlq import app as dlq_app
+from wirework.cli.proto import proto_command
 from wirework.cli.run import run_command
+from wirework.cli.saga import app as saga_app
 from wirework.cli.topics import topics
+from wirework.cli.trace import trace_command
 
 app = typer.Typer(
     name="wirework",
@@ -17,7 +20,10 @@ app = typer.Typer(
 )
 app.command("run")(run_command)
 app.command("topics")(topics)
+app.command("proto")(proto_command)
+app.command("trace")(trace_command)
 app.add_typer(dlq_app, name="dlq")
+app.add_typer(saga_app, name="saga")
 
 
 def main() -> None:

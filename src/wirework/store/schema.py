@@ -63,6 +63,49 @@ _LEASE = (
     " expires_at DOUBLE PRECISION NOT NULL)"
 )
 
+_SAGA = (
+    "CREATE TABLE wirework_saga ("
+    " saga_id TEXT PRIMARY KEY,"
+    " name TEXT NOT NULL,"
+    " status TEXT NOT NULL,"
+    " input TEXT NOT NULL,"
+    " error TEXT,"
+    " owner TEXT,"
+    " lease_until DOUBLE PRECISION NOT NULL DEFAULT 0,"
+    " created_at DOUBLE PRECISION NOT NULL,"
+    " updated_at DOUBLE PRECISION NOT NULL,"
+    " ended_at DOUBLE PRECISION)"
+)
+_SAGA_STATUS = "CREATE INDEX wirework_saga_status ON wirework_saga (status, updated_at)"
+_SAGA_EVENT_COLUMNS = (
+    " saga_id TEXT NOT NULL,"
+    " at DOUBLE PRECISION NOT NULL,"
+    " kind TEXT NOT NULL,"
+    " step TEXT,"
+    " attempt INTEGER,"
+    " status TEXT NOT NULL,"
+    " data TEXT NOT NULL"
+)
+_SAGA_EVENT_INDEX = "CREATE INDEX wirework_saga_event_saga ON wirework_saga_event (saga_id, seq)"
+
+_IDEMPOTENCY_COLUMNS = (
+    " endpoint TEXT NOT NULL,"
+    " client TEXT NOT NULL,"
+    " key_hash TEXT NOT NULL,"
+    " fingerprint TEXT NOT NULL,"
+    " state TEXT NOT NULL,"
+    " holder TEXT NOT NULL,"
+    " started_at DOUBLE PRECISION NOT NULL,"
+    " lease_until DOUBLE PRECISION NOT NULL,"
+    " expires_at DOUBLE PRECISION NOT NULL,"
+    " status INTEGER,"
+    " headers TEXT,"
+)
+_IDEMPOTENCY_KEY = ", PRIMARY KEY (endpoint, client, key_hash))"
+_IDEMPOTENCY_AGE = (
+    "CREATE INDEX wirework_idempotency_keys_age ON wirework_idempotency_keys (expires_at)"
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         version=1,
@@ -84,6 +127,42 @@ MIGRATIONS: tuple[Migration, ...] = (
             + _OUTBOX_COLUMNS
             + ", body BYTEA NOT NULL)",
             _LEASE,
+        ),
+    ),
+    Migration(
+        version=2,
+        description="saga instances and their history (wirework.saga)",
+        sqlite=(
+            _SAGA,
+            _SAGA_STATUS,
+            "CREATE TABLE wirework_saga_event ("
+            " seq INTEGER PRIMARY KEY AUTOINCREMENT," + _SAGA_EVENT_COLUMNS + ")",
+            _SAGA_EVENT_INDEX,
+        ),
+        postgresql=(
+            _SAGA,
+            _SAGA_STATUS,
+            "CREATE TABLE wirework_saga_event ("
+            " seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY," + _SAGA_EVENT_COLUMNS + ")",
+            _SAGA_EVENT_INDEX,
+        ),
+    ),
+    Migration(
+        version=3,
+        description="HTTP Idempotency-Key records (wirework.http.idempotency)",
+        sqlite=(
+            "CREATE TABLE wirework_idempotency_keys ("
+            + _IDEMPOTENCY_COLUMNS
+            + " body BLOB"
+            + _IDEMPOTENCY_KEY,
+            _IDEMPOTENCY_AGE,
+        ),
+        postgresql=(
+            "CREATE TABLE wirework_idempotency_keys ("
+            + _IDEMPOTENCY_COLUMNS
+            + " body BYTEA"
+            + _IDEMPOTENCY_KEY,
+            _IDEMPOTENCY_AGE,
         ),
     ),
 )
