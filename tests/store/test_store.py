@@ -22,7 +22,7 @@ from wirework.store import (
     current_transaction,
 )
 from wirework.store.schema import LATEST, VERSION_TABLE
-from wirework.store.sqlite import translate
+from wirework.store.sqlite import SqliteStore, translate
 from wirework.testing.conformance import wait_until
 
 ITEMS = "CREATE TABLE items (id TEXT PRIMARY KEY, qty INTEGER NOT NULL, note TEXT)"
@@ -258,6 +258,38 @@ async def test_a_locked_sqlite_file_gives_a_busy_error_then_works(tmp_path: Path
         other.close()
         async with store.transaction() as tx:
             assert await tx.claim("g", "after-lock")
+
+
+async def test_a_transaction_cancelled_while_beginning_leaves_no_lock_behind(
+    tmp_path: Path,
+) -> None:
+    """Cancelled while BEGIN IMMEDIATE waits on the file: it is rolled back once it begins,
+    so the store and other processes can write afterwards (the saga crash runs found it)."""
+    path = tmp_path / "store.db"
+    store = connect_store(f"sqlite:///{path}", busy_timeout=10)
+    async with store:
+        async with store.transaction() as tx:
+            await tx.execute("CREATE TABLE t (n INTEGER)")
+        other = sqlite3.connect(path, isolation_level=None, timeout=10)
+        other.execute("BEGIN EXCLUSIVE")
+
+        async def write() -> None:
+            async with store.transaction() as tx:
+                await tx.execute("INSERT INTO t VALUES (1)")
+
+        task = asyncio.create_task(write())
+        lock = store._lock if isinstance(store, SqliteStore) else None
+        await wait_until(lambda: lock is not None and lock.locked(), 10, what="BEGIN")
+        task.cancel()
+        other.execute("COMMIT")  # BEGIN on the store's thread now goes through, then is undone
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        async with store.transaction() as tx:
+            await tx.execute("INSERT INTO t VALUES (2)")
+        other.execute("INSERT INTO t VALUES (3)")  # autocommit: needs the write lock
+        other.close()
+        async with store.transaction() as tx:
+            assert await tx.fetch("SELECT n FROM t ORDER BY n") == [{"n": 2}, {"n": 3}]
 
 
 def test_store_urls_are_checked(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

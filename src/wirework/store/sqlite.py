@@ -169,7 +169,13 @@ class SqliteStore(Store):
         async with self._lock:
             if self._closed:
                 raise StoreClosedError(f"the SQLite store on {str(self.path)!r} is closed")
-            await self._call(self._statement, "BEGIN IMMEDIATE", ())
+            try:
+                await self._call(self._statement, "BEGIN IMMEDIATE", ())
+            except BaseException:
+                # Cancelled while BEGIN ran on the thread: it may have begun, and an open
+                # transaction would hold the file's write lock for good.
+                await asyncio.shield(self._call(self._rollback))
+                raise
             tx = SqliteTransaction(self)
             token = activate(tx)
             try:
