@@ -6,6 +6,7 @@ so callers never need to import redis, aio-pika or sqlite3 to catch ours::
 
     WireworkError
     ├── ConfigurationError            bad URL, unknown option, invalid setting
+    │   └── SagaDefinitionError       a saga or step declared wrongly
     ├── BrokerError                   anything a broker backend reports
     │   ├── BrokerUnavailableError    cannot reach / open the broker (retriable)
     │   │   └── PublishOutcomeUnknownError  sent, then the link broke: maybe stored
@@ -27,6 +28,11 @@ so callers never need to import redis, aio-pika or sqlite3 to catch ours::
     │   ├── StoreSchemaError          the schema is newer than this wirework, or unusable
     │   ├── TransactionError          a transaction used wrongly (nested, after its end)
     │   └── StoreClosedError          the store was closed
+    ├── SagaError                     anything the saga orchestrator reports
+    │   ├── PermanentError            raised by a step: fail now, never retry
+    │   ├── SagaNotFoundError         no saga with that id in the store
+    │   ├── SagaStateError            the saga is not in a state that allows the call
+    │   └── SagaLeaseLostError        another orchestrator took the saga over (retriable)
     ├── ResilienceError               a resilience policy cut or refused the call
     │   ├── DeadlineExceededError     the call's deadline passed (also a TimeoutError)
     │   ├── CircuitOpenError          the target's circuit is open: not attempted
@@ -421,6 +427,51 @@ class StoreClosedError(StoreError):
 
     http_status = 503
     grpc_code = "UNAVAILABLE"
+
+
+# Sagas (wirework.saga).
+
+
+class SagaDefinitionError(ConfigurationError):
+    """A saga or one of its steps is declared wrongly; the message says what to write."""
+
+
+class SagaError(WireworkError):
+    """The saga orchestrator could not do what was asked."""
+
+
+class PermanentError(SagaError):
+    """Raise in a step's action when retrying cannot help (a declined card, a bad address).
+
+    The step fails at once, with no further attempt, and the saga compensates.
+    The action is taken to have had no effect, so the step itself is not
+    compensated (unless an earlier attempt's outcome was unknown).
+    """
+
+    http_status = 422
+    grpc_code = "FAILED_PRECONDITION"
+
+
+class SagaNotFoundError(SagaError):
+    """No saga with the given id is recorded in the store."""
+
+    http_status = 404
+    grpc_code = "NOT_FOUND"
+
+
+class SagaStateError(SagaError):
+    """The saga is not in a state that allows this (retry of one that did not fail, ...)."""
+
+    http_status = 409
+    grpc_code = "FAILED_PRECONDITION"
+
+
+class SagaLeaseLostError(SagaError):
+    """Another orchestrator holds the saga now (this one's lease ran out); nothing was recorded."""
+
+    retriable = True
+    http_status = 409
+    grpc_code = "ABORTED"
 
 
 # Resilience policies (wirework.resilience). None is retriable: each one means

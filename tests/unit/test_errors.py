@@ -151,6 +151,7 @@ def test_retriable_flag(cls: type[WireworkError]) -> None:
         errors.StoreBusyError,
         errors.StoreConflictError,
         errors.ReplyLostError,  # the request may have been handled: retry what is safe to repeat
+        errors.SagaLeaseLostError,
     }
 
     assert cls.retriable is (cls in retriable)
