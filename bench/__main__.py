@@ -1,9 +1,11 @@
-"""``python -m bench [--suite sqlite|service|backends|all] [--quick] [--only 1,4] [--repeat 3]``.
+"""``python -m bench [--suite NAME] [--quick] [--only 1,4] [--repeat 3] [--servers ...]``.
 
 Suites: ``sqlite`` (workloads 1-6: the SQLite broker beside raw-sqlite3 floors),
 ``service`` (7-8: what Service adds over a Consumer; request-reply on memory://
 and SQLite), ``backends`` (9-10: Redis, RabbitMQ, NATS beside their raw clients
-and FastStream; ``--servers`` picks some).
+and FastStream; ``--servers`` picks some), ``rpc`` (11: REST versus gRPC for one
+handler, beside FastAPI, plain Starlette and plain grpcio), ``saga`` (12: 3-step
+sagas per second on the SQLite store, and the per-step overhead over direct calls).
 """
 
 from __future__ import annotations
@@ -23,7 +25,17 @@ from pathlib import Path
 
 import psutil
 
-from bench import backends, floor, idle, probe, request_reply, service_overhead, throughput
+from bench import (
+    backends,
+    floor,
+    idle,
+    probe,
+    request_reply,
+    rpc,
+    saga,
+    service_overhead,
+    throughput,
+)
 from bench.payload import CONCURRENCY, PREFETCH, PUBLISH_WINDOW, PUBLISHERS, make_messages
 from bench.plan import FULL, QUICK, Sizes
 from bench.report import Figure, summary, table
@@ -43,6 +55,8 @@ WORKLOADS: dict[str, tuple[str, Callable[[Sizes], list[Figure]]]] = {
         backends.throughputs,
     ),
     "10": ("server backends: request-reply, responder in another process", request_reply.servers),
+    "11": ("REST versus gRPC, one typed handler, beside their baselines", rpc.rest_vs_grpc),
+    "12": ("sagas: 3-step sagas/s and the per-step overhead", saga.saga_throughput),
 }
 
 #: Suites by name: their title in the output and their workloads.
@@ -50,6 +64,8 @@ SUITES: dict[str, tuple[str, list[str]]] = {
     "sqlite": ("SQLite broker", ["1", "2", "3", "4", "5", "6"]),
     "service": ("Service", ["7", "8"]),
     "backends": ("server backends", ["9", "10"]),
+    "rpc": ("REST and gRPC", ["11"]),
+    "saga": ("sagas", ["12"]),
 }
 
 

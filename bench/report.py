@@ -101,6 +101,8 @@ def format_value(value: float, unit: str) -> str:
         return f"{value:.0f} MiB"
     if unit == "req/s":
         return f"{value:,.0f} req/s"
+    if unit == "sagas/s":
+        return f"{value:,.1f} sagas/s"
     if unit == "B":
         return f"{value:,.0f} B"
     return f"{value:g} {unit}"
