@@ -5,7 +5,8 @@ Suites: ``sqlite`` (workloads 1-6: the SQLite broker beside raw-sqlite3 floors),
 and SQLite), ``backends`` (9-10: Redis, RabbitMQ, NATS beside their raw clients
 and FastStream; ``--servers`` picks some), ``rpc`` (11: REST versus gRPC for one
 handler, beside FastAPI, plain Starlette and plain grpcio), ``saga`` (12: 3-step
-sagas per second on the SQLite store, and the per-step overhead over direct calls).
+sagas per second on the SQLite store, and the per-step overhead over direct calls),
+``safety`` (13: the inbox and the outbox against their unsafe counterparts).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from bench import (
     probe,
     request_reply,
     rpc,
+    safety,
     saga,
     service_overhead,
     throughput,
@@ -57,6 +59,7 @@ WORKLOADS: dict[str, tuple[str, Callable[[Sizes], list[Figure]]]] = {
     "10": ("server backends: request-reply, responder in another process", request_reply.servers),
     "11": ("REST versus gRPC, one typed handler, beside their baselines", rpc.rest_vs_grpc),
     "12": ("sagas: 3-step sagas/s and the per-step overhead", saga.saga_throughput),
+    "13": ("the price of safety: inbox and outbox", safety.price_of_safety),
 }
 
 #: Suites by name: their title in the output and their workloads.
@@ -66,6 +69,7 @@ SUITES: dict[str, tuple[str, list[str]]] = {
     "backends": ("server backends", ["9", "10"]),
     "rpc": ("REST and gRPC", ["11"]),
     "saga": ("sagas", ["12"]),
+    "safety": ("inbox and outbox", ["13"]),
 }
 
 
