@@ -84,9 +84,9 @@ SIDES: dict[str, tuple[SideFactory, SideFactory, SideFactory]] = {
 #: What each side does per message on each server, printed beside its serial figure.
 SIDE_NOTES = {
     "redis": [
-        "wirework: one Lua script per publish (XADD, dedup key, PUBLISH wake-up), per fetch "
+        "wirework: one Lua function (FCALL) per publish (XADD, dedup key), per fetch "
         "(XREADGROUP/XCLAIM, lease zset) and per ack (XPENDING check, XACK, XDEL once no "
-        "group needs the entry); a pub/sub doorbell wakes idle subscriptions",
+        "group needs the entry); a pub/sub wake-up only when a subscription said it is idle",
         "raw: redis-py + hiredis, XADD (fields h, b); XREADGROUP with a group, COUNT = free "
         "prefetch, BLOCK 100 ms; XACK per message; a blocking pool of 64 connections",
         "FastStream: RedisBroker, StreamSub(group, consumer, max_records=32), max_workers=8, "

@@ -114,6 +114,7 @@ from wirework.brokers.rabbitmq_names import (
     outgoing_headers,
     partition_kind,
 )
+from wirework.brokers.rabbitmq_replies import RabbitReplies
 from wirework.brokers.rabbitmq_subscription import RabbitDelivery, SubscriptionState
 from wirework.brokers.rabbitmq_topology import (
     Entry,
@@ -453,6 +454,16 @@ class RabbitBroker(Broker, DeadLetterStore, Inspectable, GroupAdmin):
                     )
                 )
         return rows
+
+    # -- direct replies ------------------------------------------------------------------
+
+    def direct_replies(self) -> RabbitReplies:
+        """Replies through direct reply-to (``rabbitmq_replies``): no reply queue, no
+        confirm, no ack on the way back. One reply path (and reply channel) per broker."""
+        replies: RabbitReplies | None = getattr(self, "_direct_replies", None)
+        if replies is None:
+            replies = self._direct_replies = RabbitReplies(self)
+        return replies
 
 
 def _unknown(topic: str, cause: str) -> PublishOutcomeUnknownError:

@@ -221,10 +221,19 @@ class Meta:
         )
 
 
+#: The state of a first copy without a key, which reads back the same from no table at all.
+_FRESH: Mapping[str, Any] = {"attempts": 0}
+
+
 def outgoing_headers(message: WireMessage, state: Mapping[str, Any]) -> dict[str, Any]:
-    """The AMQP headers of a message: the user's headers plus wirework's state table."""
+    """The AMQP headers of a message: the user's headers plus wirework's state table.
+
+    The table is left out when it says nothing (a first copy without a key): a nested
+    table is the dearest part of the headers to encode and decode, on both ends.
+    """
     headers: dict[str, Any] = dict(message.headers)
-    headers[STATE_HEADER] = dict(state)
+    if state != _FRESH:
+        headers[STATE_HEADER] = dict(state)
     return headers
 
 

@@ -65,6 +65,7 @@ from wirework.brokers.redis_link import (
 )
 from wirework.brokers.redis_model import RedisSettings as RedisSettings
 from wirework.brokers.redis_model import dead_letter_of, key_prefix, milliseconds, moment, text
+from wirework.brokers.redis_replies import RedisReplies
 from wirework.clock import SYSTEM_CLOCK, Clock, wait_first
 from wirework.envelope import WireMessage
 from wirework.errors import (
@@ -147,7 +148,9 @@ class RedisDelivery(Delivery):
 
     async def ack(self) -> None:
         self._begin()
-        await self._broker._settle(self, scripts.ACK, self._args(), "acking")
+        keyed = self.key is not None
+        args = self._args("1" if keyed else "0", self.key or "")
+        await self._broker._settle(self, scripts.ACK, args, "acking")
 
     async def nack(self, *, delay: float = 0.0, error: Failure | None = None) -> None:
         _check_delay(delay)
@@ -415,9 +418,12 @@ class RedisBroker(Broker, DeadLetterStore, Inspectable, GroupAdmin):
         outcome = await self._call(
             script, args, what=f"{verb} {delivery.message.message_id!r} on {delivery.topic}"
         )
-        if outcome != scripts.SETTLED:
+        if outcome not in (scripts.SETTLED, scripts.WOKE):
             self.stale_settles += 1
-        self._doorbell.ring(delivery.topic)
+        elif outcome == scripts.WOKE or script is scripts.NACK:
+            # Something is there to hand out (the key's next copy, the nacked one once due):
+            # wake this process's subscriptions; the script woke idle ones elsewhere.
+            self._doorbell.ring(delivery.topic)
 
     async def _wait(self, event: asyncio.Event, pause: float | None) -> None:
         """Until ``event`` is set, the broker closes, or ``pause`` passes on the clock."""
@@ -544,6 +550,13 @@ class RedisBroker(Broker, DeadLetterStore, Inspectable, GroupAdmin):
             for topic, group, ready, delayed, in_flight, dead in rows
         ]
         return sorted(result, key=lambda row: (row.topic, row.group or ""))
+
+    # -- direct replies ------------------------------------------------------------
+
+    def direct_replies(self) -> RedisReplies:
+        """Replies straight to a caller's own stream, read with a blocking XREAD
+        (``redis_replies``): no group, lease or ack on the way back."""
+        return RedisReplies(self)
 
 
 def _check_delay(delay: float) -> None:

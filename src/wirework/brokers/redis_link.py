@@ -1,8 +1,10 @@
 """The Redis backend's connection: scripts, outcomes, reconnection and wake-ups.
 
-Every call runs one Lua script (``redis_scripts``) on a connection taken from
-redis-py's pool. The pool hands out a connection only once it is connected
-and clean, so a failure *before* the script was sent is a definite one: the
+Every call runs one Lua script (``redis_scripts``: FCALL of the library's
+function, or EVALSHA where Redis has no Functions) on a connection that is
+connected and clean: kept by the link after whole replies and checked before
+reuse (redis-py's own check: no pending data, no end of file), or new from
+redis-py's pool. So a failure *before* the script was sent is a definite one: the
 call had no effect. A failure *after* it was sent has an unknown outcome: the
 script may have run. ``Link.call`` keeps the two apart, because the broker
 contract lets ``publish`` report a failure only when nothing was stored:
@@ -28,6 +30,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
+import hiredis
 from redis.asyncio import ConnectionPool
 from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
@@ -41,7 +44,7 @@ from redis.exceptions import (
     ResponseError,
 )
 
-from wirework.brokers.redis_scripts import Script
+from wirework.brokers.redis_scripts import LIBRARY, Script
 from wirework.clock import Clock
 from wirework.errors import (
     BrokerBusyError,
@@ -110,6 +113,18 @@ def translate(what: str, url: str) -> Iterator[None]:
             f"Redis at {where(url)} is unreachable while {what} ({type(exc).__name__}: {exc}); "
             f"retry later"
         ) from exc
+
+
+async def _exchange(connection: Any, command: tuple[Any, ...]) -> Any:
+    """One command and its reply; packed by hiredis (in C: redis-py packs in Python)."""
+    await connection.send_packed_command(hiredis.pack_command(command), check_health=False)
+    return await connection.read_response()
+
+
+def _no_functions(exc: ResponseError) -> bool:
+    """The server has no FCALL (Redis before 7) or this user may not call it."""
+    text = str(exc).lower()
+    return "unknown command" in text or "noperm" in text or "no permissions" in text
 
 
 class Backoff:
@@ -184,6 +199,11 @@ class Link:
         self.closed = False
         self._prober: asyncio.Task[None] | None = None
         self._closing = asyncio.Event()
+        # Connections between calls, each after whole replies: taken and given back without
+        # the pool's lock and bookkeeping, which cost more than the call's own work.
+        self._idle: list[Any] = []
+        self._functions = True
+        """False once the server turned out to have no Functions (or refuses them)."""
 
     async def call(
         self,
@@ -224,20 +244,23 @@ class Link:
                 # Up again may mean down again before we run: the loop looks once more.
                 await self.wait_up(remaining)
                 continue
-            try:
-                async with asyncio.timeout(max(0.0, deadline - self.clock.monotonic())):
-                    await self._slots.acquire()
-            except TimeoutError:
-                if sent:
-                    raise self._gave_up(what, sent) from None
-                raise BrokerBusyError(
-                    f"all connections to Redis at {where(self.url)} stayed busy; {what} was "
-                    f"not sent: slow down, or raise max_connections"
-                ) from None
+            if self._slots.locked():  # only then is there something to wait for
+                try:
+                    async with asyncio.timeout(max(0.0, deadline - self.clock.monotonic())):
+                        await self._slots.acquire()
+                except TimeoutError:
+                    if sent:
+                        raise self._gave_up(what, sent) from None
+                    raise BrokerBusyError(
+                        f"all connections to Redis at {where(self.url)} stayed busy; {what} "
+                        f"was not sent: slow down, or raise max_connections"
+                    ) from None
+            else:
+                await self._slots.acquire()
             try:
                 try:
                     with translate(what, self.url):
-                        connection = await self.connection()
+                        connection = await self._take()
                 except BrokerUnavailableError as exc:
                     self.lost(exc)
                     if not wait and not sent:
@@ -264,14 +287,26 @@ class Link:
         what: str,
         wait_aof_ms: int | None,
     ) -> Any:
+        """One script (and WAITAOF) on ``connection``, under one ``command_timeout``.
+
+        The connection goes back to the idle ones only after whole replies; after
+        anything else (cut, timeout, cancellation) its state is unknown and it is closed.
+        """
+        whole = False
         try:
             with translate(what, self.url):
-                async with asyncio.timeout(self._command_timeout):
-                    result = await self._run(connection, script, args)
+                try:
+                    async with asyncio.timeout(self._command_timeout):
+                        result = await self._run(connection, script, args)
+                except ResponseError:
+                    whole = True  # an error reply is a whole reply
+                    raise
                 if wait_aof_ms is not None:
                     async with asyncio.timeout(self._command_timeout + wait_aof_ms / 1000):
-                        await connection.send_command("WAITAOF", 1, 0, wait_aof_ms)
-                        local, _replicas = await connection.read_response()
+                        local, _replicas = await _exchange(
+                            connection, ("WAITAOF", 1, 0, wait_aof_ms)
+                        )
+            whole = True
             if wait_aof_ms is not None and int(local) < 1:
                 raise BrokerError(
                     f"{what} is in Redis's memory but its AOF fsync was not confirmed "
@@ -280,8 +315,37 @@ class Link:
                 )
             return result
         finally:
-            with contextlib.suppress(Exception):
-                await self.pool.release(connection)
+            await self._give_back(connection, whole)
+
+    async def _take(self) -> Any:
+        """An idle connection that is still clean and open, else a new one from the pool.
+
+        The check is redis-py's own (pending data or end of file, seen by the event
+        loop, no round trip), so a connection the server or a cut closed while idle is
+        replaced before anything is sent on it: a failure then means "not sent".
+        """
+        while self._idle:
+            connection = self._idle.pop()
+            try:
+                if connection.is_connected and not await connection.can_read():
+                    return connection
+            except (RedisError, OSError):
+                pass
+            await self._drop(connection)
+        return await self.connection()
+
+    async def _give_back(self, connection: Any, whole: bool) -> None:
+        if whole and not self.closed:
+            self._idle.append(connection)
+        else:
+            await self._drop(connection)
+
+    async def _drop(self, connection: Any) -> None:
+        """Close a connection in an unknown state and return it to the pool (which reopens it)."""
+        with contextlib.suppress(Exception):
+            await connection.disconnect(nowait=True)
+        with contextlib.suppress(Exception):
+            await self.pool.release(connection)
 
     async def connection(self) -> Any:
         """A connected, clean connection from the pool; release it with ``pool.release``."""
@@ -298,28 +362,57 @@ class Link:
             f"Redis at {where(self.url)} did not come back in time; {what} was not sent"
         )
 
-    @staticmethod
-    async def _run(connection: Any, script: Script, args: Sequence[str | bytes | int]) -> Any:
-        # The prefix is the script's one declared key: it names the hash slot of the namespace.
+    async def _run(self, connection: Any, script: Script, args: Sequence[str | bytes | int]) -> Any:
+        """FCALL of the script's function (loading the library once per server if it is
+        missing), or EVALSHA/EVAL where the server has no functions (Redis before 7) or
+        the user may not use them. The prefix is the one declared key: it names the hash
+        slot of the namespace."""
+        if script.function is not None and self._functions:
+            call = ("FCALL", script.function, 1, args[0], *args)
+            try:
+                return await _exchange(connection, call)
+            except ResponseError as exc:
+                if "function not found" not in str(exc).lower():
+                    if not _no_functions(exc):
+                        raise
+                    self._functions = False
+            if self._functions and await self._load_library(connection):
+                return await _exchange(connection, call)
         try:
-            await connection.send_command("EVALSHA", script.sha, 1, args[0], *args)
-            return await connection.read_response()
+            return await _exchange(connection, ("EVALSHA", script.sha, 1, args[0], *args))
         except NoScriptError:
-            await connection.send_command("EVAL", script.source, 1, args[0], *args)
-            return await connection.read_response()
+            return await _exchange(connection, ("EVAL", script.source, 1, args[0], *args))
+
+    async def _load_library(self, connection: Any) -> bool:
+        """``FUNCTION LOAD`` the library; False (and EVAL from now on) if the server refuses."""
+        try:
+            await _exchange(connection, ("FUNCTION", "LOAD", LIBRARY.code))
+        except ResponseError as exc:
+            if "already exists" in str(exc):
+                return True  # another connection or process loaded it meanwhile
+            log.info("Redis at %s refused FUNCTION LOAD (%s); using EVALSHA", where(self.url), exc)
+            self._functions = False
+            return False
+        return True
 
     async def command(self, *args: str | bytes | int, what: str) -> Any:
         """One plain command, sent once (reads, purge); translated errors."""
         if self.closed:
             raise BrokerClosedError(f"the Redis broker on {where(self.url)} is closed")
+        whole = False
         with translate(what, self.url):
-            connection = await self.connection()
+            connection = await self._take()
             try:
                 async with asyncio.timeout(self._command_timeout):
-                    await connection.send_command(*args)
-                    return await connection.read_response()
+                    try:
+                        reply = await _exchange(connection, args)
+                    except ResponseError:
+                        whole = True
+                        raise
+                whole = True
+                return reply
             finally:
-                await self.pool.release(connection)
+                await self._give_back(connection, whole)
 
     async def wait_up(self, timeout: float | None) -> bool:
         """Wait until the connection is back (True), the broker closes or ``timeout`` passes."""
@@ -372,6 +465,9 @@ class Link:
     async def aclose(self) -> None:
         self.closed = True
         self._closing.set()
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            await self._drop(connection)
         if self._prober is not None:
             self._prober.cancel()
             with contextlib.suppress(BaseException):

@@ -16,7 +16,11 @@ key                          type     holds
 ``t:T``                      stream   the topic's messages (fields h, b, k, d); one
                                       consumer group per wirework group
 ``td:T``                     zset     ids of messages published with a delay -> due ms
-``tm:T``                     hash     ``added``: messages ever added to the stream
+``tm:T``                     hash     ``added``: messages ever added to the stream;
+                                      ``groups``: its group count (from XINFO, set
+                                      whenever a group is created or deleted)
+``idle:T``                   string   a fetch found nothing: a subscription waits for
+                                      a wake-up on channel ``w:T``
 ``topics``                   set      every topic name, for ``stats()``
 ``pid:<id>``                 string   a publish already stored (expires): retries dedup
 ``g:T:G``                    hash     ``base``/``read`` (unread count), ``parked``
@@ -48,20 +52,42 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class Script:
-    """A Lua script and its SHA1, for EVALSHA with a fallback to EVAL."""
+    """A Lua script and its SHA1, for EVALSHA with a fallback to EVAL.
+
+    ``function`` names the same script in ``LIBRARY`` (Redis 7+ Functions), which a
+    link calls with FCALL instead when the server has functions; a script outside
+    the library (``function`` None) always runs with EVALSHA.
+    """
 
     name: str
     source: str
+    function: str | None = None
     sha: str = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())  # noqa: S324 - Redis names scripts by SHA1
 
 
-# Shared helpers, prepended to every script. Redis keeps no state between
-# calls, so each script redefines them; the cost is parsing, once per SHA.
-_PRELUDE = r"""
-local P = ARGV[1]
+@dataclass(frozen=True)
+class Library:
+    """The backend's scripts as one Redis Functions library, loaded once per server.
+
+    A script sent with EVALSHA runs its whole text on every call, helpers
+    included (a dozen closures and their upvalues built per call); a function
+    library runs that text once, at ``FUNCTION LOAD``, and each FCALL only
+    calls into it. The library's name carries a digest of its code, so two
+    wirework versions on one server each find their own, and a library once
+    loaded never changes under a name.
+    """
+
+    name: str
+    code: str
+
+
+# Shared helpers of every script. As EVAL scripts (Redis before 7) each one
+# starts with them; in the function library (``LIBRARY``) they are defined once and
+# ``P`` is set at the start of every call (Redis runs one call at a time).
+_HELPERS = r"""
 
 local function now_ms()
   local t = redis.call('TIME')
@@ -73,10 +99,17 @@ local function ctx(T, G)
   return {
     T = T, G = G,
     stream = P .. 't:' .. T, td = P .. 'td:' .. T, tm = P .. 'tm:' .. T, wake = P .. 'w:' .. T,
+    idle = P .. 'idle:' .. T,
     rstream = P .. 'r:' .. tg, meta = P .. 'g:' .. tg, due = P .. 'due:' .. tg,
     lease = P .. 'lease:' .. tg, pdue = P .. 'pdue:' .. tg, fail = P .. 'fail:' .. tg,
     keys = P .. 'k:' .. tg .. ':', keyset = P .. 'ks:' .. tg,
   }
+end
+
+-- Tell other processes' subscriptions of the topic to look again, if one said it is idle
+-- (its last fetch found nothing): a busy subscription fetches again by itself.
+local function wake(c)
+  if redis.call('DEL', c.idle) == 1 then redis.call('PUBLISH', c.wake, '') end
 end
 
 local function hash(list)
@@ -125,7 +158,10 @@ local function entry(c, m)
 end
 
 -- Another group still needs this topic entry: it has not read it yet, or holds it pending.
+-- ``tm``'s ``groups`` (set from XINFO whenever a group is created or deleted) spares the
+-- XINFO of every ack while the topic has one group; missing (older data) means "look".
 local function needed_elsewhere(c, id)
+  if redis.call('HGET', c.tm, 'groups') == '1' then return false end
   local groups = redis.pcall('XINFO', 'GROUPS', c.stream)
   if type(groups) ~= 'table' or groups.err then return false end
   for _, info in ipairs(groups) do
@@ -142,11 +178,12 @@ local function unpark(c, m, now)
   redis.call('HINCRBY', c.meta, 'parked', -1)
   local due = tonumber(redis.call('HGET', c.pdue, m) or '0')
   redis.call('HDEL', c.pdue, m)
-  redis.call('ZADD', c.due, math.max(now, due), m)
+  redis.call('ZADD', c.due, math.max(now or now_ms(), due), m)
 end
 
 -- The copy leaves the group for good (ack, dead letter); the entry goes once no group needs it,
 -- and the next copy of its key, parked until now, may be handed out. Returns whether it woke one.
+-- ``f`` needs only the key (``k``); ``now`` may be nil (read when a copy is unparked).
 local function remove(c, m, f, now)
   local s, id = locate(c, m)
   redis.call('XACK', s, c.G, id)
@@ -187,9 +224,11 @@ local function create_group(c, start)
   end
   local added = tonumber(redis.call('HGET', c.tm, 'added') or '0')
   local base = added
+  local groups = #redis.call('XINFO', 'GROUPS', c.stream)
+  redis.call('HSET', c.tm, 'groups', groups)
   if start == 'earliest' then
     base = added - redis.call('XLEN', c.stream)
-  elseif #redis.call('XINFO', 'GROUPS', c.stream) == 1 then
+  elseif groups == 1 then
     -- Kept only because no group existed yet: not this group's to read, and nobody else's.
     redis.call('XTRIM', c.stream, 'MAXLEN', 0)
     redis.call('DEL', c.td)
@@ -248,7 +287,7 @@ end
 redis.call('HINCRBY', c.tm, 'added', 1)
 redis.call('SADD', P .. 'topics', ARGV[2])
 redis.call('SET', pid_key, '1', 'PX', ARGV[9])
-redis.call('PUBLISH', c.wake, '')
+wake(c)
 return 1
 """
 
@@ -281,9 +320,12 @@ local now = now_ms()
 local out = {0, 0}
 local taken = 0
 
-local function emit(m, attempt, f)
-  local fail = redis.call('HGET', c.fail, m) or ''
-  local first = string.match(fail, '^(%d+)') or ''
+-- ``fresh``: a first delivery, which has no failure recorded yet.
+local function emit(m, attempt, f, fresh)
+  local first = ''
+  if not fresh then
+    first = string.match(redis.call('HGET', c.fail, m) or '', '^(%d+)') or ''
+  end
   local k = f['k']
   out[#out + 1] = m
   out[#out + 1] = attempt
@@ -312,7 +354,7 @@ for i = 1, math.min(#ready, free) do
   else
     redis.call('ZADD', c.lease, now + lease_ms, m)
     local p = redis.call('XPENDING', s, c.G, id, id, 1)
-    emit(m, tonumber(p[1][4]), hash(claimed[1][2]))
+    emit(m, tonumber(p[1][4]), hash(claimed[1][2]), false)
   end
 end
 
@@ -338,7 +380,7 @@ while taken < free do
     if f['k'] then head = enqueue(c, f['k'], id) end
     if head and not later then
       redis.call('ZADD', c.lease, now + lease_ms, id)
-      emit(id, 1, f)
+      emit(id, 1, f, true)
     else
       redis.call('XCLAIM', c.stream, c.G, '-', 0, id, 'RETRYCOUNT', 0, 'JUSTID')
       if head then
@@ -351,7 +393,10 @@ while taken < free do
   end
 end
 
--- When the next waiting copy falls due or lease runs out, so an idle consumer can sleep till then.
+if taken > 0 or out[2] == 1 then return out end
+-- Idle: say so (a publish or settle then wakes it over pub/sub), and when the next waiting
+-- copy falls due or lease runs out, so that it can sleep till then.
+redis.call('SET', c.idle, '1')
 local nxt = -1
 for _, z in ipairs({c.due, c.lease}) do
   local first = redis.call('ZRANGEBYSCORE', z, '(' .. now, '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
@@ -365,12 +410,18 @@ return out
 """
 
 _ACK = r"""
--- ARGV: prefix, topic, group, consumer, member, attempt
+-- ARGV: prefix, topic, group, consumer, member, attempt, has_key, key
+-- The key comes from the delivery (entries never change), so the entry is not read back.
 local c = ctx(ARGV[2], ARGV[3])
 local m = ARGV[5]
 local state = holder(c, m, ARGV[4], tonumber(ARGV[6]))
 if state ~= 1 then return state end
-if remove(c, m, entry(c, m), now_ms()) then redis.call('PUBLISH', c.wake, '') end
+local f = {}
+if ARGV[7] == '1' then f['k'] = ARGV[8] end
+if remove(c, m, f, nil) then
+  wake(c)
+  return 4
+end
 return 1
 """
 
@@ -390,7 +441,7 @@ if ARGV[8] ~= '' then
   local first = string.match(fail, '^(%d+)') or tostring(now)
   redis.call('HSET', c.fail, m, first .. '\n' .. ARGV[8])
 end
-redis.call('PUBLISH', c.wake, '')
+wake(c)
 return 1
 """
 
@@ -417,7 +468,10 @@ if f['k'] then
 end
 redis.call('XADD', P .. 'dlq', '*', unpack(record))
 redis.call('HINCRBY', P .. 'dlqn', c.T .. ' ' .. c.G, 1)
-if remove(c, m, f, now) then redis.call('PUBLISH', c.wake, '') end
+if remove(c, m, f, now) then
+  wake(c)
+  return 4
+end
 return 1
 """
 
@@ -440,7 +494,7 @@ for i = 5, #ARGV, 3 do
     moved = moved + 1
   end
 end
-if moved > 0 then redis.call('PUBLISH', c.wake, '') end
+if moved > 0 then wake(c) end
 forget_consumer(c, consumer)
 return moved
 """
@@ -477,7 +531,7 @@ for _, rec in ipairs(records) do
   end
   redis.call('XDEL', dlq, id)
   redis.call('HINCRBY', P .. 'dlqn', c.T .. ' ' .. c.G, -1)
-  redis.call('PUBLISH', c.wake, '')
+  wake(c)
 end
 return {1, #records}
 """
@@ -509,8 +563,9 @@ if mine then
     start = '(' .. page[#page][1]
   end
   redis.call('XGROUP', 'DESTROY', c.stream, c.G)
+  redis.call('HSET', c.tm, 'groups', #redis.call('XINFO', 'GROUPS', c.stream))
   if others == 0 then
-    redis.call('DEL', c.stream, c.td, c.tm)
+    redis.call('DEL', c.stream, c.td, c.tm, c.idle)
     redis.call('SREM', P .. 'topics', c.T)
   else
     local function drop(id)
@@ -585,23 +640,61 @@ return rows
 """
 
 
-def _script(name: str, body: str) -> Script:
-    return Script(name, _PRELUDE + body)
+_BODIES = {
+    "publish": _PUBLISH,
+    "join": _JOIN,
+    "fetch": _FETCH,
+    "ack": _ACK,
+    "nack": _NACK,
+    "dead_letter": _DEAD_LETTER,
+    "release": _RELEASE,
+    "replay": _REPLAY,
+    "stats": _STATS,
+    "delete_group": _DELETE_GROUP,
+}
 
 
-PUBLISH = _script("publish", _PUBLISH)
-JOIN = _script("join", _JOIN)
-FETCH = _script("fetch", _FETCH)
-ACK = _script("ack", _ACK)
-NACK = _script("nack", _NACK)
-DEAD_LETTER = _script("dead_letter", _DEAD_LETTER)
-RELEASE = _script("release", _RELEASE)
-REPLAY = _script("replay", _REPLAY)
-STATS = _script("stats", _STATS)
-DELETE_GROUP = _script("delete_group", _DELETE_GROUP)
+def _library() -> Library:
+    """Every script as a function of one library: helpers once, one Lua function per script.
 
-#: What a settle script answers.
-SETTLED, STALE, GONE = 1, 0, 2
+    ``P`` is an upvalue of the helpers, set from the call's first argument; each body
+    runs as a Lua function whose parameter is named ``ARGV``, so the same text serves
+    as an EVAL script and as a function.
+    """
+    digest = hashlib.sha1(  # noqa: S324 - a name, not a secret
+        (_HELPERS + "".join(_BODIES.values())).encode()
+    ).hexdigest()[:16]
+    name = f"wirework_{digest}"
+    parts = [f"#!lua name={name}\nlocal P\n", _HELPERS]
+    for script, body in _BODIES.items():
+        parts.append(
+            f"\nlocal function {script}(ARGV)\n{body}\nend\n"
+            f"redis.register_function('{name}_{script}', "
+            f"function(_, args) P = args[1] return {script}(args) end)\n"
+        )
+    return Library(name, "".join(parts))
+
+
+LIBRARY = _library()
+
+
+def _script(name: str) -> Script:
+    return Script(name, "local P = ARGV[1]\n" + _HELPERS + _BODIES[name], f"{LIBRARY.name}_{name}")
+
+
+PUBLISH = _script("publish")
+JOIN = _script("join")
+FETCH = _script("fetch")
+ACK = _script("ack")
+NACK = _script("nack")
+DEAD_LETTER = _script("dead_letter")
+RELEASE = _script("release")
+REPLAY = _script("replay")
+STATS = _script("stats")
+DELETE_GROUP = _script("delete_group")
+
+#: What a settle script answers; WOKE: settled, and the next copy of its key is free now.
+SETTLED, STALE, GONE, WOKE = 1, 0, 2, 4
 
 #: What the publish script answers besides SETTLED (stored now).
 DUPLICATE, FULL = 2, 3
