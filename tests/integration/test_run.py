@@ -156,6 +156,18 @@ class Launcher:
             psutil.wait_procs(strays, timeout=10)
 
 
+def _logged_at(output: str, *needles: str) -> list[float]:
+    """The time of the first log line holding each needle, in seconds since midnight."""
+    times = []
+    for needle in needles:
+        line = next((line for line in output.splitlines() if needle in line), None)
+        assert line is not None, f"no log line with {needle!r}\n{output}"
+        clock = line.split()[1]  # "2026-11-26 21:40:48,319 INFO ..."
+        hours, minutes, seconds = clock.replace(",", ".").split(":")
+        times.append(int(hours) * 3600 + int(minutes) * 60 + float(seconds))
+    return times
+
+
 def _lines(path: Path) -> list[str]:
     if not path.exists():
         return []
@@ -192,7 +204,13 @@ async def test_sigterm_under_load_exits_0_in_time_and_loses_nothing(
     code = await first.exited(grace + 5)
     took = time.monotonic() - sent
     assert code == 0, first.output
-    assert took <= grace + 1.0, f"exit took {took:.2f} s\n{first.output}"
+    # The runner's own promise, timed by its log (load on the machine cannot stretch it):
+    # every service stopped within grace + STOP_MARGIN of the signal.
+    stopping, stopped = _logged_at(first.output, "stopping 2 service(s)", "all services stopped")
+    took_inside = stopped - stopping
+    assert took_inside <= grace + 1.0, f"stop took {took_inside:.2f} s\n{first.output}"
+    # And the process is gone well inside what a supervisor waits before killing it.
+    assert took <= grace + KILL_MARGIN, f"exit took {took:.2f} s\n{first.output}"
     assert len(set(launch.ids())) < 100, "the first run was not stopped under load"
     assert "stopping 2 service(s) (SIGTERM)" in first.output
     cancelled = re.search(r"grace of [\d.]+ s is over: cancelling (\d+)", first.output)

@@ -23,6 +23,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from wirework.errors import NotFoundError
 from wirework.http.errors import MethodNotAllowedError
+from wirework.http.idempotency import (
+    OPENAPI_RESPONSES,
+    IdempotencySettings,
+    key_guard,
+    openapi_parameter,
+)
 from wirework.http.limits import HttpLimits, LimitsMiddleware
 from wirework.http.openapi import HEALTH_PATH, OPENAPI_PATH, openapi_document
 from wirework.http.problems import PROBLEM_MEDIA_TYPE, make_problem, problem_for
@@ -67,6 +73,7 @@ def http_app(
     limits: HttpLimits | None = None,
     title: str | None = None,
     version: str = "1.0.0",
+    idempotency: IdempotencySettings | None = None,
 ) -> Starlette:
     """The ASGI app answering every ``http=True`` endpoint of ``services`` over REST.
 
@@ -79,11 +86,18 @@ def http_app(
         limits: what a request may send (``HttpLimits()``: RELIABILITY.md §3.7).
         title: the OpenAPI title (default: the services' names).
         version: the OpenAPI ``info.version`` of this API.
+        idempotency: how ``Idempotency-Key`` records are kept
+            (``IdempotencySettings()``: 24 h). Endpoints with
+            ``idempotency="optional"`` or ``"required"`` keep them in their
+            service's store (``Service(store=...)``); see docs/http.md.
 
     Raises:
-        ConfigurationError: two endpoints share a method and path, or a name.
+        ConfigurationError: two endpoints share a method and path, or a name;
+            an endpoint requires an Idempotency-Key and its service has no store.
     """
     limits = limits or HttpLimits()
+    idempotency = idempotency or IdempotencySettings()
+    key_parameters: dict[str, list[dict[str, Any]]] = {}
     routed: list[tuple[str, Endpoint]] = []
     grpc_only: list[tuple[str, Endpoint]] = []
     by_path: dict[str, dict[str, ASGIApp]] = {}
@@ -95,8 +109,16 @@ def http_app(
                 grpc_only.append((service.name, endpoint))
                 continue
             routed.append((service.name, endpoint))
+            keys = key_guard(service, endpoint, idempotency)
+            if keys is not None:
+                key_parameters[endpoint.name] = [openapi_parameter(endpoint, idempotency)]
             answer = EndpointRoute(
-                endpoint, service_name=service.name, resolve=service.resolve, limits=limits
+                endpoint,
+                service_name=service.name,
+                resolve=service.resolve,
+                limits=limits,
+                keys=keys,
+                identity_header=idempotency.identity_header,
             )
             by_path.setdefault(endpoint.path, {})[endpoint.method] = answer
     document = openapi_document(
@@ -104,6 +126,8 @@ def http_app(
         title=title or ", ".join(service.name for service in services) or "wirework",
         version=version,
         grpc_only=grpc_only,
+        header_parameters=key_parameters,
+        extra_responses=dict.fromkeys(key_parameters, OPENAPI_RESPONSES),
     )
     routes: list[BaseRoute] = [
         Route(path, MethodDispatch(apps), methods=list(apps)) for path, apps in by_path.items()

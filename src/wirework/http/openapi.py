@@ -33,11 +33,15 @@ def openapi_document(
     title: str,
     version: str = "1.0.0",
     grpc_only: Sequence[tuple[str, Endpoint]] = (),
+    header_parameters: Mapping[str, Sequence[dict[str, Any]]] | None = None,
+    extra_responses: Mapping[str, Mapping[str, str]] | None = None,
 ) -> dict[str, Any]:
     """The OpenAPI 3.1 document for ``routed``: ``(service name, endpoint)`` pairs.
 
     ``grpc_only`` (bidirectional streams) are listed in the description, as
-    HTTP/1.1 cannot carry them.
+    HTTP/1.1 cannot carry them. ``header_parameters`` and ``extra_responses``
+    (status to description, answered as problem+json) add to an endpoint's
+    operation by endpoint name (the ``Idempotency-Key`` header, say).
 
     Raises:
         ConfigurationError: two endpoints of different services share an
@@ -88,10 +92,20 @@ def openapi_document(
                         "schema": schema,
                     }
                 )
+        parameters.extend((header_parameters or {}).get(endpoint.name, ()))
+        responses = _responses(endpoint, refs, problem_ref)
+        for status, text in (extra_responses or {}).get(endpoint.name, {}).items():
+            if status in responses:
+                responses[status]["description"] += f" Or: {text}"
+            else:
+                responses[status] = {
+                    "description": text,
+                    "content": {PROBLEM_MEDIA_TYPE: {"schema": problem_ref}},
+                }
         operation: dict[str, Any] = {
             "operationId": endpoint.name,
             "tags": [service_name],
-            "responses": _responses(endpoint, refs, problem_ref),
+            "responses": responses,
         }
         if endpoint.summary:
             operation["summary"] = endpoint.summary
@@ -178,8 +192,9 @@ def _description(grpc_only: Sequence[tuple[str, Endpoint]]) -> str:
     text = (
         "Errors are RFC 9457 problem details (application/problem+json); `error_type` names "
         "the error class and `retriable` says whether repeating the call may succeed. "
-        "`x-wirework-deadline` (remaining milliseconds) bounds a call; `Idempotency-Key` is "
-        "passed to the handler."
+        "`x-wirework-deadline` (remaining milliseconds) bounds a call. An operation listing "
+        "an `Idempotency-Key` header stores and replays answers by key, as that header's "
+        "description says; elsewhere the key is only passed to the handler."
     )
     if grpc_only:
         names = ", ".join(f"{service}.{endpoint.name}" for service, endpoint in grpc_only)

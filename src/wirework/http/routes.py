@@ -30,6 +30,7 @@ from wirework.http.errors import (
     UnsupportedEncodingError,
     validation_items,
 )
+from wirework.http.idempotency import KeyGuard, client_identity, fingerprint
 from wirework.http.limits import HttpLimits, json_depth_exceeds
 from wirework.http.problems import problem_for, send_error
 from wirework.resilience.carriers import HTTP_DEADLINE_HEADER, parse_deadline_header
@@ -87,8 +88,13 @@ class EndpointRoute:
         service_name: str,
         resolve: Callable[[type[Any], str], Any],
         limits: HttpLimits,
+        keys: KeyGuard | None = None,
+        identity_header: str = "authorization",
     ) -> None:
         self.endpoint = endpoint
+        self.keys = keys
+        """Idempotency-Key storage (``wirework.http.idempotency``), when the endpoint has it."""
+        self.identity_header = identity_header.lower().encode("latin-1")
         self.service_name = service_name
         self.resolve = resolve
         self.handler = endpoint.function
@@ -124,8 +130,11 @@ class EndpointRoute:
             await send_error(send, error, scope["path"])
 
     async def _answer(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # A bad or missing key is refused before the body is read, and nothing is stored.
+        key = None if self.keys is None else self.keys.key_of(scope["headers"])
         values, invalid = self._params(scope)
         headers: dict[bytes, bytes] = dict(scope["headers"])
+        body = b""
         if self.body_name is not None:
             encoding = headers.get(b"content-encoding")
             if self.streaming in ("unary", "server"):
@@ -148,13 +157,33 @@ class EndpointRoute:
         header = headers.get(_DEADLINE)
         deadline = None if header is None else parse_deadline_header(header.decode("latin-1"))
         if self.takes_arguments:
-            context = self._context(scope, headers, deadline)
+            context = self._context(scope, headers, deadline, key)
             arguments = self.endpoint.arguments(values, context, self.resolve)
         else:
             arguments = values  # no context or dependencies: the same as arguments() gives
         if self.streaming == "server":
             await self._stream(arguments, deadline, scope, receive, send)
             return
+        if self.keys is not None and key is not None:
+            identity = client_identity(scope["headers"], scope.get("client"), self.identity_header)
+            request = fingerprint(
+                scope["method"],
+                scope.get("raw_path") or scope["path"].encode(),
+                scope["query_string"],
+                body,
+            )
+
+            async def respond(answer: Send) -> None:
+                await self._respond(arguments, deadline, answer)
+
+            await self.keys.run(key, identity, request, respond, send, scope["path"])
+            return
+        await self._respond(arguments, deadline, send)
+
+    async def _respond(
+        self, arguments: dict[str, Any], deadline: Deadline | None, send: Send
+    ) -> None:
+        """Run a unary handler and send its answer (an error it raises is the caller's)."""
         if deadline is None:
             result = await self.handler(**arguments)
         else:
@@ -250,9 +279,14 @@ class EndpointRoute:
             yield self._decode(pending, model, ["body", index])
 
     def _context(
-        self, scope: Scope, headers: dict[bytes, bytes], deadline: Deadline | None
+        self,
+        scope: Scope,
+        headers: dict[bytes, bytes],
+        deadline: Deadline | None,
+        parsed_key: str | None,
     ) -> CallContext:
-        key = headers.get(_IDEMPOTENCY_KEY)
+        # With key storage the parsed key (unquoted); without, the header as sent.
+        key = parsed_key if self.keys is not None else headers.get(_IDEMPOTENCY_KEY)
         client = scope.get("client")
         return CallContext(
             service_name=self.service_name,
@@ -265,7 +299,8 @@ class EndpointRoute:
                 if deadline is not None
                 else None
             ),
-            idempotency_key=None if key is None else key.decode("latin-1"),
+            idempotency_key=key.decode("latin-1") if isinstance(key, bytes) else key,
+            client_identity=client_identity(scope["headers"], client, self.identity_header),
         )
 
     # -- server streams ---------------------------------------------------------------

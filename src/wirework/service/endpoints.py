@@ -40,6 +40,7 @@ from wirework.errors import ConfigurationError
 HttpMethod = Literal["GET", "POST", "PUT", "PATCH", "DELETE"]
 Streaming = Literal["unary", "server", "client", "bidi"]
 ParamSource = Literal["path", "query"]
+IdempotencyMode = Literal["off", "optional", "required"]
 
 #: Methods whose repetition has the effect of one call (RFC 9110 §9.2.2): safe to retry.
 IDEMPOTENT_METHODS: frozenset[str] = frozenset({"GET", "PUT", "DELETE"})
@@ -110,6 +111,15 @@ class Endpoint:
     request_model: type[BaseModel]
     params_model: type[BaseModel]
     """Path and query parameters alone, validated together (one error names every bad one)."""
+    idempotency: IdempotencyMode = "off"
+    """How the REST binding treats ``Idempotency-Key`` (``wirework.http.idempotency``).
+
+    ``optional`` by default for unary POST and PATCH, the two methods whose
+    repetition is not harmless (RFC 9110 §9.2.2), so a client may make their
+    retries safe with a key; ``off`` for GET, PUT and DELETE (already
+    idempotent) and for streams, whose bodies cannot be fingerprinted before
+    the handler runs nor their answers replayed whole.
+    """
 
     @property
     def qualname(self) -> str:
@@ -155,14 +165,17 @@ def inspect_endpoint(
     http: bool = True,
     grpc: bool = True,
     idempotent: bool | None = None,
+    idempotency: IdempotencyMode | None = None,
 ) -> Endpoint:
     """Read ``function``'s signature into an ``Endpoint``.
+
+    ``idempotency`` is ``Endpoint.idempotency``; None takes its default.
 
     Raises:
         ConfigurationError: a bad path, a path parameter the handler lacks,
             a parameter of a type that cannot travel in a URL, a body on a
-            GET or DELETE, two bodies; the message names the handler and says
-            how to write it.
+            GET or DELETE, two bodies, Idempotency-Key storage asked of a
+            stream; the message names the handler and says how to write it.
     """
     where = getattr(function, "__qualname__", repr(function))
     if not _PATH_SHAPE.match(path):
@@ -277,6 +290,19 @@ def inspect_endpoint(
     if streaming != "unary" and returns is None:
         raise ConfigurationError(f"endpoint {where}: a stream needs an item model")
 
+    if idempotency is None:
+        keyed = method in ("POST", "PATCH") and streaming == "unary"
+        idempotency = "optional" if keyed else "off"
+    elif idempotency not in ("off", "optional", "required"):
+        raise ConfigurationError(
+            f"endpoint {where}: idempotency={idempotency!r}; use 'off', 'optional' or 'required'"
+        )
+    elif idempotency != "off" and streaming != "unary":
+        raise ConfigurationError(
+            f"endpoint {where}: a {streaming} stream cannot take Idempotency-Key storage (its "
+            f"body is not whole before the handler runs, nor its answer after); pass "
+            f"idempotency='off' or make it unary"
+        )
     rpc_name = name or _camel(function.__name__)
     if not re.fullmatch(r"[A-Z][A-Za-z0-9]*", rpc_name):
         raise ConfigurationError(
@@ -307,6 +333,7 @@ def inspect_endpoint(
         description=description.strip(),
         request_model=request_model,
         params_model=params_model,
+        idempotency=idempotency,
     )
 
 

@@ -48,7 +48,7 @@ from wirework.errors import (
 )
 from wirework.service.binding import Binding, Kind, Publish, PublishMiddleware
 from wirework.service.context import Context
-from wirework.service.endpoints import Endpoint, HttpMethod, inspect_endpoint
+from wirework.service.endpoints import Endpoint, HttpMethod, IdempotencyMode, inspect_endpoint
 from wirework.service.handlers import HandlerSpec, event_type, inspect_handler
 from wirework.service.requests import (
     DEADLINE_EXTENSION,
@@ -292,6 +292,7 @@ class Service:
         http: bool = True,
         grpc: bool = True,
         idempotent: bool | None = None,
+        idempotency: IdempotencyMode | None = None,
     ) -> Callable[[E], E]:
         """Declare a synchronous endpoint, served over REST (``http``) and gRPC (``grpc``).
 
@@ -300,6 +301,10 @@ class Service:
             status_code: the HTTP status of a success (default 200, 204 without a body).
             idempotent: whether a client may retry the call without an
                 Idempotency-Key (default: GET, PUT and DELETE are, POST and PATCH not).
+            idempotency: ``"off"``, ``"optional"`` or ``"required"``: whether the
+                REST binding stores answers by ``Idempotency-Key`` and replays them
+                (``wirework.http.idempotency``; default: optional for unary POST
+                and PATCH, off otherwise).
         """
 
         def decorate(function: E) -> E:
@@ -312,6 +317,7 @@ class Service:
                 http=http,
                 grpc=grpc,
                 idempotent=idempotent,
+                idempotency=idempotency,
             )
             for other in self.endpoints:
                 if other.name == endpoint.name:
