@@ -33,6 +33,7 @@ from wirework.http.limits import HttpLimits, LimitsMiddleware
 from wirework.http.openapi import HEALTH_PATH, OPENAPI_PATH, openapi_document
 from wirework.http.problems import PROBLEM_MEDIA_TYPE, make_problem, problem_for
 from wirework.http.routes import JSON_MEDIA_TYPE, EndpointRoute
+from wirework.http.traced import TracedRoute
 from wirework.service.endpoints import Endpoint
 from wirework.service.service import Service
 
@@ -74,6 +75,7 @@ def http_app(
     title: str | None = None,
     version: str = "1.0.0",
     idempotency: IdempotencySettings | None = None,
+    tracer_provider: Any | None = None,
 ) -> Starlette:
     """The ASGI app answering every ``http=True`` endpoint of ``services`` over REST.
 
@@ -90,6 +92,8 @@ def http_app(
             (``IdempotencySettings()``: 24 h). Endpoints with
             ``idempotency="optional"`` or ``"required"`` keep them in their
             service's store (``Service(store=...)``); see docs/http.md.
+        tracer_provider: an OpenTelemetry tracer provider for SERVER spans;
+            None traces only when the process configured a real one globally.
 
     Raises:
         ConfigurationError: two endpoints share a method and path, or a name;
@@ -120,7 +124,9 @@ def http_app(
                 keys=keys,
                 identity_header=idempotency.identity_header,
             )
-            by_path.setdefault(endpoint.path, {})[endpoint.method] = answer
+            by_path.setdefault(endpoint.path, {})[endpoint.method] = TracedRoute(
+                answer, endpoint.method, endpoint.path, tracer_provider
+            )
     document = openapi_document(
         routed,
         title=title or ", ".join(service.name for service in services) or "wirework",

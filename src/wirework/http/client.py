@@ -22,6 +22,7 @@ request being handled) and the client's own ``timeout``. It travels in
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import Any, Self, TypeVar, overload
 
@@ -44,6 +45,7 @@ from wirework.http.errors import (
 )
 from wirework.http.problems import PROBLEM_MEDIA_TYPE
 from wirework.http.routes import STREAM_ERROR_KEY
+from wirework.http.traced import sdk_provider_active
 from wirework.registry import Registry
 from wirework.resilience.carriers import HTTP_DEADLINE_HEADER, deadline_header
 from wirework.resilience.deadline import Deadline, current_deadline, tighter
@@ -82,6 +84,9 @@ class HttpClient:
             client stream never is. Server streams are not wrapped.
         scheme: ``http`` or ``https``: which of the registry's URLs to use.
         headers: sent with every call (an ``Authorization`` header, say).
+        tracer_provider: an OpenTelemetry tracer provider for one CLIENT span
+            per attempt, its context sent in ``traceparent``; None traces when
+            the process configured a real provider (``configure_tracing``).
 
     Raises:
         ConfigurationError: no endpoints, both ``address`` and ``registry``,
@@ -100,6 +105,7 @@ class HttpClient:
         policy: Policy | None = None,
         scheme: str = "http",
         headers: Mapping[str, str] | None = None,
+        tracer_provider: Any | None = None,
     ) -> None:
         if not timeout > 0:
             raise ConfigurationError(
@@ -135,6 +141,8 @@ class HttpClient:
         self.policy = policy
         self.scheme = scheme
         self.headers = dict(headers or {})
+        self.tracer_provider = tracer_provider
+        """Where CLIENT spans go; None traces when the process configured tracing."""
         self._session = session
         self._owns_session = session is None
 
@@ -360,6 +368,7 @@ class HttpClient:
             data=request.body,
             headers=sent,
             deadline=deadline,
+            tracer_provider=self.tracer_provider,
         )
 
 
@@ -377,7 +386,9 @@ class _Exchange:
         data: bytes | AsyncIterator[bytes] | None,
         headers: dict[str, str],
         deadline: Deadline,
+        tracer_provider: Any | None = None,
     ) -> None:
+        self.tracer_provider = tracer_provider
         self.session = session
         self.route = route
         self.method = method
@@ -387,6 +398,8 @@ class _Exchange:
         self.headers = headers
         self.deadline = deadline
         self.response: aiohttp.ClientResponse | None = None
+        self._span: AbstractContextManager[Any] | None = None
+        self._span_object: Any = None
 
     async def __aenter__(self) -> aiohttp.ClientResponse:
         remaining = self.deadline.remaining()
@@ -395,6 +408,29 @@ class _Exchange:
                 f"the deadline of the call to {self.route.endpoint.name} had passed before "
                 f"it was sent; the caller left no time for it"
             )
+        provider = self.tracer_provider or sdk_provider_active()
+        if provider is not None:
+            # One CLIENT span per attempt, its context in this request's headers.
+            from wirework.tracing.calls import client_span
+
+            self._span = client_span(
+                self.route.endpoint.method,
+                self.headers,
+                attributes={
+                    "http.request.method": self.route.endpoint.method,
+                    "url.full": self.url,
+                    "http.route": self.route.endpoint.path,
+                },
+                provider=provider,
+            )
+            self._span_object = self._span.__enter__()
+        try:
+            return await self._send(remaining)
+        except BaseException as exc:
+            self._end_span(exc)
+            raise
+
+    async def _send(self, remaining: float) -> aiohttp.ClientResponse:
         try:
             self.response = await self.session.request(
                 self.method,
@@ -415,12 +451,23 @@ class _Exchange:
             raise ConnectionLostError(_lost(self.route, exc)) from exc
         return self.response
 
+    def _end_span(self, exc: BaseException | None) -> None:
+        span, self._span = self._span, None
+        if span is None:
+            return
+        if exc is None and self.response is not None:
+            from wirework.tracing.calls import record_http_status
+
+            record_http_status(self._span_object, self.response.status, server=False)
+        span.__exit__(type(exc) if exc else None, exc, exc.__traceback__ if exc else None)
+
     async def __aexit__(
         self,
         exc_type: type[BaseException] | None,
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
+        self._end_span(exc)
         if self.response is not None:
             self.response.release()
         if isinstance(exc, TimeoutError) and not isinstance(exc, WireworkError):
