@@ -17,7 +17,8 @@ validates the body), and its default ack policy (ack once the handler returned):
   to ``PREFETCH`` handlers run at once.
 * ``NatsBroker``: a ``JStream`` (file storage, interest retention) and a
   durable pull subscriber (``PullSub(batch_size=PREFETCH)``,
-  ``max_workers=CONCURRENCY``); ``publish(stream=...)`` returns on the PubAck;
+  ``max_workers=CONCURRENCY``); ``publish(stream=..., timeout=5)`` returns on the
+  PubAck (5 s as nats-py and wirework allow, not FastStream's 0.5 s default);
   ``msg.ack()`` per message.
 """
 
@@ -34,6 +35,11 @@ from wirework.envelope import WireMessage
 
 #: Seconds an idle pull waits on the server before FastStream asks again.
 IDLE_FETCH = 0.1
+
+#: Seconds a NATS publish may wait for its PubAck: FastStream's default is 0.5 s, where
+#: nats-py's (the raw side) and wirework's are 5 s; with 100 publishes in flight on a busy
+#: machine, 0.5 s ran out and ended the run.
+NATS_PUBLISH_TIMEOUT = 5.0
 
 
 class _Peer:
@@ -173,7 +179,11 @@ class FastStreamNats(_Peer):
 
     async def send(self, message: WireMessage) -> None:
         await self.broker.publish(
-            message.body, self.subject, stream=self.stream, headers=dict(message.headers)
+            message.body,
+            self.subject,
+            stream=self.stream,
+            headers=dict(message.headers),
+            timeout=NATS_PUBLISH_TIMEOUT,
         )
 
     async def aclose(self) -> None:

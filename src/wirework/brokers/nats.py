@@ -79,21 +79,22 @@ from wirework.brokers.nats_client import (
 )
 from wirework.brokers.nats_delivery import Group, NatsDelivery
 from wirework.brokers.nats_reader import Reader
+from wirework.brokers.nats_replies import NatsReplies
 from wirework.brokers.nats_state import Stores
 from wirework.brokers.nats_stats import Stats
 from wirework.brokers.nats_topology import Topology
 from wirework.brokers.nats_wire import (
+    BLOCK_FRAME,
     H_EXPECTED_STREAM,
     H_KEY,
     H_MSG_ID,
     H_NOT_BEFORE,
     Names,
-    encode_headers,
-    header_bytes,
+    header_block,
     key_header,
 )
 from wirework.clock import SYSTEM_CLOCK, Clock
-from wirework.envelope import WireMessage
+from wirework.envelope import STRUCTURED_CONTENT_TYPE, WireMessage
 from wirework.errors import (
     BrokerClosedError,
     BrokerUnavailableError,
@@ -111,6 +112,9 @@ DEAD_LETTER_RESERVE = 8 * 1024
 
 #: Longest namespace: every server-side name starts with it.
 MAX_NAMESPACE = 64
+
+#: Topics whose checked name and subject a broker keeps (publishing looks them up).
+_CHECKED_MAX = 10_000
 
 
 class NatsSettings(BaseSettings):
@@ -182,6 +186,9 @@ class NatsBroker(Broker, DeadLetterStore, Inspectable, GroupAdmin):
         self.stores = Stores(self.connection, self.names, self.settings)
         self.topology = Topology(self.connection, self.names, self.stores, self.settings)
         self.stale_settles = 0
+        self._checked: set[str] = set()
+        """Topic names checked and published to (their streams are known to exist)."""
+        self._subjects: dict[str, str] = {}
         self._readers: set[Reader] = set()
         self._closed = False
 
@@ -227,61 +234,80 @@ class NatsBroker(Broker, DeadLetterStore, Inspectable, GroupAdmin):
         delay: float = 0.0,
     ) -> None:
         self.check_open()
-        check_name("topic", topic)
+        if topic not in self._checked:
+            check_name("topic", topic)
         self.check_size(topic, message)
         if not delay >= 0:
             raise ConfigurationError(f"delay must be zero or more seconds, got {delay!r}")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.publish_timeout
-        while True:
+        stream = self.topology.known(topic)
+        while stream is None:
             try:
                 stream = await self.topology.topic(topic)
-                break
             except BrokerUnavailableError:  # nothing was sent
                 waiting = self.settings.on_disconnect == "wait"
                 if not (waiting and await self.connection.wait_up(deadline - loop.time())):
                     raise
+        if len(self._checked) < _CHECKED_MAX:
+            self._checked.add(topic)
         control = {H_MSG_ID: self._message_id(message), H_EXPECTED_STREAM: stream}
         if key is not None:
             control[H_KEY] = key_header(key)
         if delay > 0:
             control[H_NOT_BEFORE] = repr(self.clock.now().timestamp() + delay)
-        headers = encode_headers(message, control)
-        await self._check_payload(topic, message, headers)
-        subject = self.names.message_subject(topic, key, kind="d" if delay > 0 else "n")
-        await self._store(topic, subject, message.body, headers, deadline=deadline)
+        block = header_block(message, control)
+        limit = await self.max_payload() - DEAD_LETTER_RESERVE
+        size = len(message.body) + len(block) - BLOCK_FRAME  # as header_bytes counts
+        if size > limit:
+            raise MessageTooLargeError(size, limit, topic=topic)
+        if key is None and delay <= 0:
+            subject = self._subjects.get(topic) or self._subject(topic)
+        else:
+            subject = self.names.message_subject(topic, key, kind="d" if delay > 0 else "n")
+        await self._store(topic, subject, message.body, block, deadline=deadline)
+
+    def _subject(self, topic: str) -> str:
+        """The subject of a message published now without a key, kept per topic."""
+        subject = self.names.message_subject(topic, None)
+        if len(self._subjects) < _CHECKED_MAX:
+            self._subjects[topic] = subject
+        return subject
 
     def _message_id(self, message: WireMessage) -> str:
         """Nats-Msg-Id: the CloudEvent's source and id, so a republished event counts once."""
-        event_id = message.message_id if self.settings.deduplicate else None
+        if not self.settings.deduplicate:
+            return f"ww-{uuid.uuid4().hex}"
+        headers = message.headers
+        event_id = headers.get("ce-id")
+        if event_id is not None and "".join(headers).islower():
+            # Binary mode with lower-case names, as wirework writes it: what the general
+            # case below finds, without copying the headers or looking at the body.
+            media = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+            if media != STRUCTURED_CONTENT_TYPE:
+                return _digest(unquote(headers.get("ce-source", "")), unquote(event_id))
+        event_id = message.message_id
         if event_id is None:
             return f"ww-{uuid.uuid4().hex}"
-        headers = {name.lower(): value for name, value in message.headers.items()}
-        source = unquote(headers.get("ce-source", ""))
-        if "ce-id" not in headers:
+        lowered = {name.lower(): value for name, value in headers.items()}
+        source = unquote(lowered.get("ce-source", ""))
+        if "ce-id" not in lowered:
             with contextlib.suppress(ValueError, AttributeError):
                 source = str(json.loads(message.body).get("source", ""))
-        digest = hashlib.sha256(f"{source}\n{event_id}".encode("utf-8", "surrogatepass"))
-        return f"ce-{digest.hexdigest()[:40]}"
-
-    async def _check_payload(
-        self, topic: str, message: WireMessage, headers: dict[str, str]
-    ) -> None:
-        limit = await self.max_payload() - DEAD_LETTER_RESERVE
-        size = len(message.body) + header_bytes(headers)
-        if size > limit:
-            raise MessageTooLargeError(size, limit, topic=topic)
+        return _digest(source, event_id)
 
     async def _store(
         self,
         topic: str,
         subject: str,
         body: bytes,
-        headers: dict[str, str],
+        block: bytes,
         *,
         deadline: float | None = None,
     ) -> None:
         """Publish to JetStream and return once it acked; retried with the same id.
+
+        ``block`` is the message's header block (``nats_wire.header_block``).
 
         A publish that never left (the connection was down) raises the definite
         BrokerUnavailableError; one that left without an answer raises BrokerError,
@@ -303,7 +329,7 @@ class NatsBroker(Broker, DeadLetterStore, Inspectable, GroupAdmin):
             with self.connection.translate(f"publishing to {topic!r}"):
                 try:
                     reply = await self.connection.request(
-                        subject, body, headers=headers, timeout=max(0.001, remaining)
+                        subject, body, headers=block, timeout=max(0.001, remaining)
                     )
                 except (NotSent, Lost, TimeoutError, nats.errors.NoRespondersError) as exc:
                     failed = exc
@@ -444,8 +470,8 @@ class NatsBroker(Broker, DeadLetterStore, Inspectable, GroupAdmin):
             subject = self.names.message_subject(
                 record.topic, record.key, kind="r", group=record.group
             )
-            headers = encode_headers(record.message, control)
-            await self._store(record.topic, subject, record.message.body, headers)
+            block = header_block(record.message, control)
+            await self._store(record.topic, subject, record.message.body, block)
             await self.connection.delete_message(self.names.dlq_stream, int(record.id))
         return len(records)
 
@@ -455,6 +481,18 @@ class NatsBroker(Broker, DeadLetterStore, Inspectable, GroupAdmin):
         """One row per (topic, group); what is approximate is said in ``nats_stats``."""
         self.check_open()
         return await Stats(self.connection, self.names, self.stores, self.clock).rows()
+
+    # -- direct replies -----------------------------------------------------------------
+
+    def direct_replies(self) -> NatsReplies:
+        """Replies as core publishes to a caller's own inbox subject (``nats_replies``):
+        no reply stream, PubAck, consumer or ack on the way back."""
+        return NatsReplies(self)
+
+
+def _digest(source: str, event_id: str) -> str:
+    digest = hashlib.sha256(f"{source}\n{event_id}".encode("utf-8", "surrogatepass"))
+    return f"ce-{digest.hexdigest()[:40]}"
 
 
 async def purge_namespace(url: str, namespace: str) -> None:

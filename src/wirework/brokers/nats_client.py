@@ -10,12 +10,24 @@ nats-py reconnects by itself (and re-subscribes); this wraps it so that:
 * a request in flight when the connection drops ends at once (``Lost``) instead of
   waiting out its timeout;
 * every client-library error is translated at this boundary, in ``translate``.
+
+Requests (publishes awaiting their PubAck, JetStream API calls) share one reply
+subscription per connection, ``<inbox>.*``, and a future per request: nats-py's
+own ``request`` adds ``wait_for`` and a token per call, and racing it against a
+"connection dropped" event took two more tasks per call; here a dropped
+connection fails the futures in flight directly.
+
+Plain acks (``ack``) are queued and written together with whatever the
+connection writes next (a publish, a pull request, another settle), or after
+``ACK_DELAY`` at the latest: a consumer's acks otherwise cost a socket write
+each, and on a busy machine every write is a context switch to the server.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import random
@@ -66,6 +78,12 @@ CONSUMER_NOT_UPDATABLE = 10012
 WRONG_LAST_SEQUENCE = 10071
 STREAM_STORE_FULL = (10077, 10078)  # maximum messages / bytes exceeded
 
+#: The status header of the server's answer to a request nobody listens to.
+_NO_RESPONDERS = "503"
+
+#: Seconds a queued ack may wait for other traffic to share a socket write with.
+ACK_DELAY = 0.005
+
 _UNREACHABLE = (
     NotSent,
     Lost,
@@ -88,6 +106,60 @@ class Stored:
     subject: str
     headers: dict[str, str]
     data: bytes
+
+
+async def _publish_block(
+    nc: Client, subject: str, reply: str, block: bytes, payload: bytes
+) -> None:
+    """What nats-py's ``publish`` does (2.16, its checks in its order), for a header block
+    already built: its own encoding checked and encoded every header of every message again.
+
+    Subjects are built by ``nats_wire`` from checked names, so they are not checked again.
+    """
+    if nc.is_closed:
+        raise nats.errors.ConnectionClosedError
+    if nc.is_draining_pubs:
+        raise nats.errors.ConnectionDrainingError
+    if not nc.is_connected:
+        raise nats.errors.OutboundBufferLimitError  # nothing is buffered (pending_size=0)
+    if len(payload) > nc.max_payload:
+        raise nats.errors.MaxPayloadError
+    size = len(block)
+    line = f"HPUB {subject} {reply} {size} {size + len(payload)}\r\n".encode()
+    nc.stats["out_msgs"] += 1
+    nc.stats["out_bytes"] += len(payload)
+    await nc._send_command(b"".join((line, block, payload, b"\r\n")))
+    if nc._flush_queue is not None and nc._flush_queue.empty():
+        await nc._flush_pending()
+
+
+class _Deadline:
+    """Fails a request's future with a timeout once its time is up.
+
+    The clock starts on the event loop's next turn, not when the request was
+    written: a caller that sends thousands of requests in one turn blocks the
+    loop for seconds, and replies read only after that turn must not find
+    their requests timed out by the caller's own work.
+    """
+
+    __slots__ = ("_future", "_seconds", "_timer")
+
+    def __init__(self, future: asyncio.Future[Msg], seconds: float) -> None:
+        self._future = future
+        self._seconds = seconds
+        self._timer: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        if not self._future.done():
+            self._timer = self._future.get_loop().call_later(self._seconds, self._expire)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _expire(self) -> None:
+        if not self._future.done():
+            self._future.set_exception(nats.errors.TimeoutError())
 
 
 def redacted(url: str) -> str:
@@ -114,6 +186,12 @@ class Connection:
         self._closed = False
         self.watchers: set[asyncio.Event] = set()
         """Events set on every reconnection (subscriptions renew their pull requests)."""
+        self._replies: dict[str, asyncio.Future[Msg]] = {}
+        self._reply_prefix = ""
+        self._tokens = itertools.count(1)
+        self._acks: list[str] = []
+        self._ack_timer: asyncio.TimerHandle | None = None
+        self._ack_writer: asyncio.Task[None] | None = None
 
     # -- life cycle -----------------------------------------------------------------------
 
@@ -170,6 +248,9 @@ class Connection:
         self._down.clear()
         self._up.set()
         try:
+            # nats-py subscribes again after every reconnection: the prefix never changes.
+            self._reply_prefix = nc.new_inbox() + "."
+            await nc.subscribe(self._reply_prefix + "*", cb=self._on_reply)
             await nc.request("$JS.API.INFO", b"", timeout=options.api_timeout)
         except nats.errors.NoRespondersError as exc:
             await nc.close()
@@ -208,6 +289,14 @@ class Connection:
     async def _on_disconnected(self) -> None:
         self._up.clear()
         self._down.set()
+        for future in self._replies.values():
+            if not future.done():
+                future.set_exception(Lost())
+
+    async def _on_reply(self, msg: Msg) -> None:
+        future = self._replies.get(msg.subject[len(self._reply_prefix) :])
+        if future is not None and not future.done():
+            future.set_result(msg)
 
     async def _on_reconnected(self) -> None:
         self.generation += 1
@@ -238,6 +327,7 @@ class Connection:
         return True
 
     async def aclose(self) -> None:
+        await self.write_acks()
         self._closed = True
         nc, self._nc = self._nc, None
         if nc is not None:
@@ -277,47 +367,103 @@ class Connection:
         subject: str,
         payload: bytes = b"",
         *,
-        headers: dict[str, str] | None = None,
+        headers: dict[str, str] | bytes | None = None,
         timeout: float | None = None,
     ) -> Msg:
         """A request that ends as soon as the connection drops.
+
+        ``headers`` are a dict, or a header block built by ``nats_wire.header_block``.
 
         Raises:
             NotSent: the connection was down, nothing was sent.
             Lost: the connection dropped before the reply.
             nats.errors.TimeoutError: no reply within ``timeout``.
+            nats.errors.NoRespondersError: nothing listens on ``subject``.
         """
-        nc = await self.client()
+        nc = self._nc if self._nc is not None else await self.client()
         if not self.up:
             raise NotSent
-        sent = asyncio.ensure_future(
-            nc.request(
-                subject,
-                payload,
-                timeout=timeout or self.settings.api_timeout,
-                headers=headers,
-            )
-        )
-        dropped = asyncio.ensure_future(self._down.wait())
+        if self._acks:
+            await self.write_acks()  # in the same socket write
+        token = str(next(self._tokens))
+        reply = self._reply_prefix + token
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Msg] = loop.create_future()
+        self._replies[token] = future
+        clock = _Deadline(future, timeout or self.settings.api_timeout)
         try:
-            await asyncio.wait({sent, dropped}, return_when=asyncio.FIRST_COMPLETED)
+            try:
+                if isinstance(headers, bytes):
+                    await _publish_block(nc, subject, reply, headers, payload)
+                else:
+                    await nc.publish(subject, payload, reply=reply, headers=headers)
+            except nats.errors.OutboundBufferLimitError as exc:
+                raise NotSent from exc  # disconnected since the look above
+            loop.call_soon(clock.start)
+            msg = await future
         finally:
-            dropped.cancel()
-        if not sent.done():
-            sent.cancel()
-            with contextlib.suppress(BaseException):
-                await sent
-            raise Lost
-        try:
-            return sent.result()
-        except nats.errors.OutboundBufferLimitError as exc:
-            raise NotSent from exc
+            clock.stop()
+            del self._replies[token]
+        if msg.headers and msg.headers.get("Status") == _NO_RESPONDERS:
+            raise nats.errors.NoRespondersError
+        return msg
 
     async def publish(self, subject: str, payload: bytes = b"", *, reply: str = "") -> None:
-        """A core publish (acks, in-progress, notifications); fails at once while down."""
-        nc = await self.client()
-        with self.translate(f"publishing to {subject}"):
+        """A core publish (settles, pull requests, notifications); fails at once while down."""
+        nc = self._nc if self._nc is not None else await self.client()
+        try:
+            if self._acks:
+                await self.write_acks()  # in the same socket write
             await nc.publish(subject, payload, reply=reply)
+        except Exception:
+            with self.translate(f"publishing to {subject}"):
+                raise
+
+    def ack(self, reply: str) -> None:
+        """Queue a plain ack (``+ACK``) to go out with the next write, within ``ACK_DELAY``.
+
+        Raises:
+            BrokerUnavailableError: not connected (nothing was queued).
+            BrokerClosedError: the connection was closed.
+        """
+        if self._closed:
+            raise BrokerClosedError(f"the NATS broker on {self.where} is closed")
+        if not self.up:
+            raise BrokerUnavailableError(
+                f"not connected to NATS at {self.where}: the ack was not sent, the message "
+                f"comes back when its lease runs out"
+            )
+        self._acks.append(reply)
+        if self._ack_timer is None:
+            self._ack_timer = asyncio.get_running_loop().call_later(ACK_DELAY, self._acks_due)
+
+    def _acks_due(self) -> None:
+        self._ack_timer = None
+        if self._acks and self._ack_writer is None:
+            self._ack_writer = asyncio.ensure_future(self.write_acks())
+            self._ack_writer.add_done_callback(self._ack_written)
+
+    def _ack_written(self, task: asyncio.Task[None]) -> None:
+        self._ack_writer = None
+
+    async def write_acks(self) -> None:
+        """Hand every queued ack to nats-py at once, so one socket write carries them.
+
+        An ack that cannot be written (the connection dropped meanwhile) is dropped:
+        its message comes back when its lease runs out, a duplicate, never a loss.
+        """
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
+        acks, self._acks = self._acks, []
+        nc = self._nc
+        if nc is None or not acks:
+            return
+        try:
+            for reply in acks:
+                await nc.publish(reply, b"+ACK")
+        except Exception as exc:
+            log.debug("%d acks not written to %s: %r", len(acks), self.where, exc)
 
     async def api(self, subject: str, body: Mapping[str, Any] | None, *, what: str) -> Any:
         """A JetStream API request (``$JS.API.<subject>``) and its decoded answer.

@@ -11,6 +11,15 @@ of it), and it can only cause a duplicate, never a loss.
 Settling a keyed message moves the key's cursor before the JetStream ack, so a
 crash between the two leaves a redelivery that the reader recognises (at or
 below the cursor) and acks unseen. Its state record goes before the ack too.
+
+An ack is a plain publish, as RabbitMQ's ``basic.ack`` is a frame without an
+answer, and it shares a socket write with the connection's other traffic (it
+waits at most ``nats_client.ACK_DELAY`` for some; at once near the lease's
+end): ``ack`` fails (BrokerError) when the connection is down, and an ack lost
+with a connection that drops before the server read it means one redelivery,
+a duplicate, never a loss. Only the ack after a dead letter waits for the
+server's answer (JetStream's AckSync), so that a ``dead_letter`` that returned
+means the message will not come back beside its record; that path is rare.
 """
 
 from __future__ import annotations
@@ -21,12 +30,17 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
 
 from wirework.brokers.base import DeadLetter, DeadLetterReason, Delivery, Failure
+from wirework.brokers.nats_client import ACK_DELAY
 from wirework.brokers.nats_state import Cursor, MessageState
 from wirework.envelope import WireMessage
 from wirework.errors import AlreadySettledError, BrokerError, ConfigurationError
 
 if TYPE_CHECKING:
     from wirework.brokers.nats import NatsBroker
+
+
+#: An ack is written at once, not queued, when its lease has less than this left.
+_ACK_LEEWAY = 4 * ACK_DELAY
 
 
 @dataclass(frozen=True)
@@ -177,8 +191,16 @@ class NatsDelivery(Delivery):
             )
         await broker.stores.drop_state(state)
         connection = broker.connection
-        with connection.translate(f"acking a message of {group.topic}/{group.name}"):
-            await connection.request(pending.reply, b"+ACK")
+        if dead is None:
+            if self.deadline - broker.clock.monotonic() > _ACK_LEEWAY:
+                connection.ack(pending.reply)  # written with the connection's next write
+            else:
+                await connection.publish(pending.reply, b"+ACK")  # no time to wait for company
+        else:
+            # Answered (AckSync): once it returns, the message cannot come back beside its
+            # dead-letter record.
+            with connection.translate(f"acking a message of {group.topic}/{group.name}"):
+                await connection.request(pending.reply, b"+ACK")
         if pending.key is not None:
             # Readers parking later messages of this key look again at once.
             with contextlib.suppress(BrokerError):

@@ -2,10 +2,18 @@
 
 A ``Reader`` belongs to one iteration of ``NatsBroker.subscribe``. Its task
 (owned by the reader, stopped with it) pulls from the group's durable consumer
-only while the iteration asks for a delivery and nothing is buffered: first a
-``no_wait`` pull of up to ``prefetch`` minus what the subscription holds, and
-when that finds nothing, a long poll for one message. So a subscription that is
-not iterated takes nothing, and at most one pull is outstanding.
+with one long poll at a time, a pull request that the server fills as messages
+arrive until its batch is complete or ``PULL_EXPIRES`` passed. While messages
+flow, the batch is as large as there is room for (``prefetch`` less what the
+subscription holds and buffers), so a steady flow costs one pull request per
+batch, not one per message, and a message published while a pull is open is
+pushed at once. When a pull found nothing, the next asks for one message:
+an idle subscription, or one just left, holds at most one open request on the
+server (one that JetStream may still fill after the subscription left; that
+message is handed back). The first pull waits for the iteration to ask, so a
+subscription that is never iterated takes nothing; later ones are sent while
+the iteration keeps asking (as buffered messages are kept alive, below), and
+while messages are buffered, only once there is room for half a batch.
 
 Each delivered message is sorted:
 
@@ -36,6 +44,7 @@ import contextlib
 import itertools
 import json
 import logging
+import math
 from collections import deque
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
@@ -55,8 +64,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("wirework.brokers.nats")
 
-#: Seconds a long poll for one message waits on the server before it expires.
+#: Seconds a pull request stays open on the server, filling as messages arrive.
 PULL_EXPIRES = 5.0
+_PULL_EXPIRES_NS = int(PULL_EXPIRES * 1e9)
 #: Seconds between looks at a parked key when no settle notification came (a safety net).
 RECHECK = 0.5
 #: The shortest and longest hand-back delay of a keyed message with nowhere to park.
@@ -90,9 +100,9 @@ class Reader:
         self._arrivals: asyncio.Queue[Msg] = asyncio.Queue()
         self._dirty: set[str] = set()
         self._pull: _Pull | None = None
-        self._idle = False
+        self._idle = True
         self._demand = 0
-        self._asked_at = broker.clock.monotonic()
+        self._asked_at = -math.inf
         self._tokens = itertools.count(1)
         self._floor = 0
         self._floor_at = -1.0
@@ -136,7 +146,8 @@ class Reader:
                 if self._ready and self._count(now) < self.subscription.prefetch:
                     return await self._hand_out(self._ready.popleft())
                 self._has_ready.clear()
-                self._wake.set()
+                if self._pull is None:
+                    self._wake.set()  # the reader may pull now; an open pull needs nothing
                 # A held delivery whose lease runs out makes room, as a settle does.
                 until = min((d.deadline for d in self._held), default=None)
                 timeout = None if until is None or not self._ready else max(0.0, until - now)
@@ -206,26 +217,56 @@ class Reader:
     def forget(self, delivery: NatsDelivery) -> None:
         """A held delivery was settled: it no longer counts against prefetch."""
         self._held.discard(delivery)
-        self._wake.set()
-        self._has_ready.set()
+        if self._pull is None:
+            self._wake.set()
+        if self._ready:
+            self._has_ready.set()
 
     # -- callbacks from nats-py ---------------------------------------------------------
 
     async def _arrived(self, msg: Msg) -> None:
         if not self._orphaned:
-            self._arrivals.put_nowait(msg)
-            self._wake.set()
+            if self._in_hand or not self._arrivals.empty() or not self._take(msg):
+                self._arrivals.put_nowait(msg)  # the reader's task takes it, in order
+                self._wake.set()
             return
         pending = self._unpack(msg)
-        if pending is None:
-            self._status(msg)
-        elif not pending.foreign:
-            with contextlib.suppress(BrokerError):
+        with contextlib.suppress(BrokerError):
+            if pending is None:
+                self._status(msg)
+            elif pending.foreign:
+                await self._conn.publish(pending.reply, b"+ACK")  # skipped, as ``_place`` does
+            else:
                 await self._hand_back(pending, due=None, delay=0.0)
         if self._pull is None and self._inbox_sub is not None:
             sub, self._inbox_sub = self._inbox_sub, None  # its last pull is over: leave now
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
+
+    def _take(self, msg: Msg) -> bool:
+        """Take a delivered message here, in nats-py's callback, sparing the reader's task a
+        wake-up: ready at once if nothing has to be looked up for it (a first delivery for
+        this group, keyless, not delayed, with room), else left in hand for the task.
+        False for a status message, which the task reads."""
+        if self._stopping or self._consumer_gone:
+            return False
+        pending = self._unpack(msg)
+        if pending is None:
+            return False
+        if (
+            pending.delivered == 1
+            and pending.key is None
+            and pending.not_before is None
+            and not pending.foreign
+            and self._count(pending.touched) + len(self._ready) < self.subscription.prefetch
+        ):
+            self._make_ready(pending)
+            if self._pull is None:
+                self._wake.set()  # that was the pull's last message: time for the next
+        else:
+            self._in_hand.append(pending)
+            self._wake.set()
+        return True
 
     async def _notified(self, msg: Msg) -> None:
         self._dirty.add(msg.data.decode())
@@ -460,19 +501,19 @@ class Reader:
             self._pull = pull = None  # lost with a connection, or its end never came
         if pull is not None or self._stopping or not self._conn.up:
             return
-        if not self._demand or self._ready or self._in_hand:
+        # Asking now, or lately (within a third of a lease, as buffered ones are kept alive).
+        if not self._demand and now - self._asked_at >= self.group.lease / 3:
             return
-        room = self.subscription.prefetch - self._count(now)
-        if room <= 0:
-            return
+        prefetch = self.subscription.prefetch
+        buffered = len(self._ready) + len(self._in_hand)
+        room = prefetch - self._count(now) - buffered
+        if room <= 0 or (buffered and room < (prefetch + 1) // 2):
+            return  # with some buffered, wait for room for half a batch: fewer, larger pulls
+        if self._idle:
+            room = 1  # nothing came last time: hold the server's next message only
         token = str(next(self._tokens))
-        if self._idle:  # nothing there last time: wait on the server for one message
-            request = {"batch": 1, "expires": int(PULL_EXPIRES * 1e9)}
-            self._pull = _Pull(token, 1, now + PULL_EXPIRES + 1.0, self._conn.generation)
-        else:
-            request = {"batch": room, "no_wait": True}
-            ends_at = now + self._conn.settings.api_timeout
-            self._pull = _Pull(token, room, ends_at, self._conn.generation)
+        request = {"batch": room, "expires": _PULL_EXPIRES_NS}
+        self._pull = _Pull(token, room, now + PULL_EXPIRES + 1.0, self._conn.generation)
         await self._conn.publish(
             f"$JS.API.CONSUMER.MSG.NEXT.{self.group.stream}.{self.group.consumer}",
             json.dumps(request).encode(),

@@ -57,6 +57,10 @@ class Topology:
         """The topic's stream may be gone (deleted elsewhere): look again next time."""
         self._topics.pop(topic, None)
 
+    def known(self, topic: str) -> str | None:
+        """The topic's stream if this broker already found or created it (no call)."""
+        return self._topics.get(topic)
+
     async def topic(self, topic: str) -> str:
         """The topic's stream, created (with its keeper) if it does not exist yet."""
         stream = self._topics.get(topic)

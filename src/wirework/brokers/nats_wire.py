@@ -192,16 +192,33 @@ def parse_dlq_subject(subject: str) -> tuple[str, str, str]:
 
 # -- headers --------------------------------------------------------------------------------
 
+#: Whether a header name may travel natively, by name: a process sees few distinct names,
+#: and the check (a regular expression, a lower-casing) ran for every header of every
+#: message. Bounded, so that a stream of random names cannot grow it without end.
+_NATIVE_NAMES: dict[str, bool] = {}
+_NATIVE_NAMES_MAX = 4096
+
+#: Bytes of a header block (``header_block``) that are not header lines: the
+#: ``NATS/1.0`` line and the blank line ending the block.
+BLOCK_FRAME = len(b"NATS/1.0\r\n\r\n")
+
+
+def _native_name(name: str) -> bool:
+    native = _NATIVE_NAMES.get(name)
+    if native is None:
+        lower = name.lower()
+        native = (
+            _TOKEN.fullmatch(name) is not None
+            and not lower.startswith(_CONTROL_PREFIXES)
+            and lower not in _RESERVED
+        )
+        if len(_NATIVE_NAMES) < _NATIVE_NAMES_MAX:
+            _NATIVE_NAMES[name] = native
+    return native
+
 
 def _native(name: str, value: str) -> bool:
-    lower = name.lower()
-    return (
-        _TOKEN.fullmatch(name) is not None
-        and not lower.startswith(_CONTROL_PREFIXES)
-        and lower not in _RESERVED
-        and value.isprintable()
-        and value == value.strip()
-    )
+    return _native_name(name) and value.isprintable() and value == value.strip()
 
 
 def _json(value: object) -> str:
@@ -222,6 +239,28 @@ def encode_headers(message: WireMessage, control: Mapping[str, str]) -> dict[str
         headers[H_EXTRA] = _json(extra)
     headers.update(control)
     return headers
+
+
+def header_block(message: WireMessage, control: Mapping[str, str]) -> bytes:
+    """The NATS header block of a message (``NATS/1.0``, ``name: value`` lines, a blank line),
+    with the same headers as ``encode_headers`` and the bytes nats-py would write for them.
+
+    Publishing hands this block to ``nats_client`` as it is, so the headers are checked
+    and encoded once, here, instead of once here and once more in nats-py.
+    """
+    lines = ["NATS/1.0\r\n"]
+    extra: list[list[str]] = []
+    for name, value in message.headers.items():
+        if _native(name, value):
+            lines.append(f"{name}: {value}\r\n")
+        else:
+            extra.append([name, value])
+    if extra:
+        lines.append(f"{H_EXTRA}: {_json(extra)}\r\n")
+    for name, value in control.items():
+        lines.append(f"{name}: {value}\r\n")
+    lines.append("\r\n")
+    return "".join(lines).encode()
 
 
 def decode_headers(raw: Mapping[str, str] | None) -> tuple[dict[str, str], dict[str, str]]:
