@@ -102,9 +102,9 @@ SIDE_NOTES = {
         "has no max_workers for RabbitMQ, so up to 32 handlers run at once",
     ],
     "nats": [
-        "wirework: publish awaits the PubAck (Nats-Msg-Id dedup header, size check); the "
-        "reader pulls no_wait batches of the free prefetch and long-polls for one message "
-        "when idle; the ack is a request answered by the server (AckSync)",
+        "wirework: publish awaits the PubAck (Nats-Msg-Id dedup header built once, size "
+        "check); one long-poll pull open (batch = free prefetch, 5 s; one message when "
+        "idle); plain +ACK sent with the connection's next write (at most 5 ms later)",
         "raw: nats-py, js.publish awaits the PubAck; stream file/interest; durable pull "
         "consumer, fetch(batch=free prefetch, timeout=0.1 s: it waits until the batch is "
         "full or the time is up); msg.ack() (fire and forget)",
@@ -161,12 +161,14 @@ def throughputs(sizes: Sizes) -> list[Figure]:
         try:
             for key, (shape, producer) in zip(keys, PRODUCERS.items(), strict=True):
                 run = "serial" if shape == "serial" else "window"
+                # A fresh topic per repeat: the same messages again on one NATS stream
+                # would be dropped by its duplicate window (Nats-Msg-Id) as repeats.
                 runs = [
                     [
-                        _measure(factory, server, namespace, run, messages, producer)
+                        _measure(factory, server, namespace, f"{run}{repeat}", messages, producer)
                         for factory in SIDES[name]
                     ]
-                    for _ in range(sizes.repeat)
+                    for repeat in range(sizes.repeat)
                 ]
                 found.append(_figure(key, server, shape, runs))
                 progress(found[-1])
