@@ -1,18 +1,21 @@
-"""The floor: the broker's SQL for the same messages, run with plain ``sqlite3``.
+"""The floor: the broker's own SQL for the same messages, with nothing around it.
 
-One connection, one thread, no asyncio, no envelope decoding: per message the
-statements ``wirework.brokers.sqlite_ops`` runs (kept in step by hand):
+One connection, one thread, no asyncio, no writer queue, no envelope decoding:
+the statements are those of ``wirework.brokers.sqlite_ops``, called directly
+(``publish``, ``claim``, ``ack``), so the floor can never fall out of step with
+what the broker really runs. Per transaction, as in the broker's writer: all
+publishes of a run in one ``publish`` call (multi-row INSERTs, the topic's
+groups and listeners read once), one claim statement per claim (UPDATE ...
+RETURNING), all acks of a run in one ``ack`` call (one DELETE per 64 handles,
+one per 64 messages). The message records are built before the clock starts,
+as the broker builds them on the event loop, not on its writer thread.
 
-* publish: the group lookup, the message INSERT, one delivery INSERT per group
-  (and once per transaction the doorbell's listener lookup);
-* claim: the claim SELECT for up to ``claim_size`` rows, then per row the
-  lease UPDATE and the headers/body SELECT;
-* ack: the delivery DELETE, the refs UPDATE, the message DELETE.
-
-Same pragmas (WAL; ``synchronous`` FULL for strict, NORMAL for fast); claims
-as large as the broker's were on average and as many transactions as its
-writer committed in the same workload, spread evenly, so both sides pay for
-the same fsyncs.
+Same pragmas as the broker (WAL; ``synchronous`` FULL for strict, NORMAL for
+fast, with the broker's checkpoint interval under fast), and the same rule for
+syncing: under strict, a transaction without a publish commits without an
+fsync. Claims as large as the broker's were on average and as many
+transactions as its writer committed in the same workload, spread evenly, so
+both sides pay for the same commits.
 """
 
 from __future__ import annotations
@@ -22,133 +25,149 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import orjson
 
 from bench.payload import GROUP, TOPIC
-from wirework.brokers.sqlite_schema import SCHEMA
+from wirework.brokers import sqlite_ops as ops
+from wirework.brokers.sqlite import FAST_CHECKPOINT_PAGES
+from wirework.brokers.sqlite_writer import Batch
 from wirework.envelope import WireMessage
 
 LEASE_SECONDS = 30.0
 
-_CLAIM = """
-SELECT d.seq, d.key, d.attempts, d.first_failure_at, d.token
-FROM ww_deliveries AS d
-WHERE d.topic = :topic AND d.grp = :grp
-  AND d.available_at <= :now
-  AND (d.lease_until IS NULL OR d.lease_until <= :now)
-  AND (d.key IS NULL OR NOT EXISTS (
-        SELECT 1 FROM ww_deliveries AS e
-        WHERE e.topic = d.topic AND e.grp = d.grp AND e.key = d.key AND e.seq < d.seq))
-ORDER BY d.seq
-LIMIT :limit
-"""
+Kind = Literal["publish", "claim", "ack"]
+#: One transaction: runs of one kind of operation, in order, with their sizes.
+Transaction = list[tuple[Kind, int]]
 
 
 class FloorDb:
-    """A broker-shaped SQLite file driven by hand, statement by statement."""
+    """A broker-shaped SQLite file driven by hand, step by step."""
 
     def __init__(self, path: Path, *, durability: str, message: WireMessage) -> None:
         self.connection = sqlite3.connect(path, isolation_level=None)
         self.connection.execute("PRAGMA journal_mode = WAL")
-        sync = "FULL" if durability == "strict" else "NORMAL"
-        self.connection.execute(f"PRAGMA synchronous = {sync}")
-        for statement in SCHEMA.split(";"):
-            if statement.strip():
-                self.connection.execute(statement)
-        self.connection.execute("INSERT OR IGNORE INTO ww_groups VALUES (?, ?)", (TOPIC, GROUP))
+        self.strict = durability == "strict"
+        self.connection.execute(f"PRAGMA synchronous = {'FULL' if self.strict else 'NORMAL'}")
+        if not self.strict:
+            self.connection.execute(f"PRAGMA wal_autocheckpoint = {FAST_CHECKPOINT_PAGES}")
+        self._synced = True
+        ops.migrate(self.connection, now=time.monotonic())
+        self.connection.execute("BEGIN IMMEDIATE")
+        ops.ensure_group(self.connection, Batch(), TOPIC, GROUP, "earliest", time.monotonic())
+        self.connection.execute("COMMIT")
         self.headers = orjson.dumps(dict(message.headers))
         self.body = message.body
-        self._claimed: deque[tuple[int, int]] = deque()
-        self._woken = False
+        self._claimed: deque[ops.Handle] = deque()
 
     def close(self) -> None:
         self.connection.close()
 
-    def begin(self) -> None:
+    def records(self, count: int) -> deque[ops.NewMessage]:
+        """``count`` messages to publish, built as the broker's ``publish`` builds them."""
+        now, wall = time.monotonic(), time.time()
+        return deque(
+            ops.NewMessage(TOPIC, None, self.headers, self.body, now, wall) for _ in range(count)
+        )
+
+    def begin(self, *, synced: bool = True) -> None:
+        """Start a transaction; under strict, ``synced=False`` commits it without an fsync."""
+        wanted = synced or not self.strict
+        if wanted != self._synced:
+            self.connection.execute(f"PRAGMA synchronous = {'FULL' if wanted else 'NORMAL'}")
+            self._synced = wanted
         self.connection.execute("BEGIN IMMEDIATE")
-        self._woken = False
 
     def commit(self) -> None:
         self.connection.execute("COMMIT")
 
-    def publish(self) -> None:
-        execute = self.connection.execute
-        groups = [row[0] for row in execute("SELECT grp FROM ww_groups WHERE topic = ?", (TOPIC,))]
-        seq = execute(
-            "INSERT INTO ww_messages (topic, key, headers, body, published_at, refs) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            (TOPIC, None, self.headers, self.body, time.time(), len(groups)),
-        ).lastrowid
-        now = time.monotonic()
-        self.connection.executemany(
-            "INSERT INTO ww_deliveries (topic, grp, seq, key, available_at) VALUES (?, ?, ?, ?, ?)",
-            [(TOPIC, group, seq, None, now) for group in groups],
-        )
-        if not self._woken:
-            self._woken = True
-            execute("SELECT address FROM ww_listeners WHERE topic = ?", (TOPIC,)).fetchall()
+    def publish(self, records: list[ops.NewMessage]) -> None:
+        ops.publish(self.connection, Batch(), records, None)
 
     def claim(self, limit: int) -> int:
-        execute = self.connection.execute
-        now = time.monotonic()
-        params = {"topic": TOPIC, "grp": GROUP, "now": now, "limit": limit}
-        rows = execute(_CLAIM, params).fetchall()
-        for seq, _key, _attempts, _first_failure_at, token in rows:
-            execute(
-                "UPDATE ww_deliveries SET lease_until = ?, attempts = attempts + 1, "
-                "token = token + 1 WHERE topic = ? AND grp = ? AND seq = ?",
-                (now + LEASE_SECONDS, TOPIC, GROUP, seq),
-            )
-            execute("SELECT headers, body FROM ww_messages WHERE seq = ?", (seq,)).fetchone()
-            self._claimed.append((seq, token + 1))
-        return len(rows)
-
-    def ack(self) -> None:
-        execute = self.connection.execute
-        seq, token = self._claimed.popleft()
-        execute(
-            "DELETE FROM ww_deliveries WHERE topic = ? AND grp = ? AND seq = ? AND token = ?",
-            (TOPIC, GROUP, seq, token),
+        claimed, _ = ops.claim(
+            self.connection, Batch(), TOPIC, GROUP, limit, time.monotonic(), LEASE_SECONDS
         )
-        execute("UPDATE ww_messages SET refs = refs - 1 WHERE seq = ?", (seq,))
-        execute("DELETE FROM ww_messages WHERE seq = ? AND refs <= 0", (seq,))
+        self._claimed.extend(row.handle for row in claimed)
+        return len(claimed)
+
+    def ack(self, count: int) -> None:
+        handles = [self._claimed.popleft() for _ in range(min(count, len(self._claimed)))]
+        ops.ack(self.connection, Batch(), handles)
 
 
-def _operations(db: FloorDb, count: int, claim_size: int, publish: bool) -> Iterator[None]:
+def _operations(count: int, claim_size: int, publish: bool) -> Iterator[Kind]:
     """Per chunk of ``claim_size`` messages: publish each, claim them in one go, ack each."""
     remaining = count
     while remaining:
         chunk = min(claim_size, remaining)
         for _ in range(chunk if publish else 0):
-            db.publish()
-            yield
-        got = db.claim(chunk)
-        yield
-        for _ in range(got):
-            db.ack()
-            yield
-        remaining -= got
-        if not got:
-            raise RuntimeError("the floor found nothing to claim: its file has too few messages")
+            yield "publish"
+        yield "claim"
+        for _ in range(chunk):
+            yield "ack"
+        remaining -= chunk
 
 
-def throughput(
-    db: FloorDb, *, count: int, claim_size: int, commits: int, publish: bool = True
-) -> float:
-    """Messages per second through publish (optional), claim and ack in ``commits`` transactions."""
+def plan(count: int, *, claim_size: int, commits: int, publish: bool) -> list[Transaction]:
+    """The operations cut into ``commits`` transactions of equal size, as runs of one kind."""
     claims = -(-count // claim_size)
     operations = count * (2 if publish else 1) + claims
     per_commit = operations / max(1, commits)
-    started = time.perf_counter()
-    db.begin()
+    transactions: list[Transaction] = [[]]
     next_commit = per_commit
-    for done, _ in enumerate(_operations(db, count, claim_size, publish), start=1):
+    for done, kind in enumerate(_operations(count, claim_size, publish), start=1):
+        runs = transactions[-1]
+        if runs and runs[-1][0] == kind and kind != "claim":
+            runs[-1] = (kind, runs[-1][1] + 1)
+        else:
+            runs.append((kind, claim_size if kind == "claim" else 1))
         if done >= next_commit:
-            db.commit()
-            db.begin()
+            transactions.append([])
             next_commit += per_commit
-    db.commit()
+    return [runs for runs in transactions if runs]
+
+
+def throughput(
+    db: FloorDb,
+    *,
+    count: int,
+    claim_size: int,
+    commits: int,
+    publish: bool = True,
+    synced: int | None = None,
+) -> float:
+    """Messages per second through publish (optional), claim and ack in ``commits`` transactions.
+
+    ``synced``: how many of the broker's transactions were synced
+    (``SqliteBroker.synced_commits``), to sync as many here, spread evenly;
+    without it, the transactions holding a publish are (nearly all of them, as
+    the operations are spread evenly, where the broker had some of acks and
+    claims alone: a floor paying more fsyncs than the broker did).
+    """
+    transactions = plan(count, claim_size=claim_size, commits=commits, publish=publish)
+    records = db.records(count if publish else 0)
+    share = None if synced is None else synced / max(1, len(transactions))
+    credit = 0.0
+    started = time.perf_counter()
+    for runs in transactions:
+        if share is None:
+            sync = any(kind == "publish" for kind, _ in runs)
+        else:
+            credit += share
+            sync = credit >= 1.0
+            credit -= 1.0 if sync else 0.0
+        db.begin(synced=sync)
+        for kind, size in runs:
+            if kind == "publish":
+                db.publish([records.popleft() for _ in range(size)])
+            elif kind == "claim":
+                if not db.claim(size):
+                    raise RuntimeError("the floor found nothing to claim: its file is short")
+            else:
+                db.ack(size)
+        db.commit()
     return count / (time.perf_counter() - started)
 
 
@@ -157,16 +176,17 @@ def latency(db: FloorDb, *, samples: int, gap: float, claim_size: int) -> list[f
     taken: list[float] = []
     for _ in range(samples):
         time.sleep(gap)
+        records = list(db.records(1))
         started = time.perf_counter()
         db.begin()
-        db.publish()
+        db.publish(records)
         db.commit()
-        db.begin()
+        db.begin(synced=False)
         db.claim(claim_size)
         db.commit()
         taken.append(time.perf_counter() - started)
-        db.begin()
-        db.ack()
+        db.begin(synced=False)
+        db.ack(1)
         db.commit()
     return taken
 

@@ -10,6 +10,18 @@ claim alone is committed without an fsync even under ``"strict"``: a power
 loss releases every lease anyway (see below), so at most its attempt goes
 uncounted.
 
+Acks are at-least-once bookkeeping, so they are not synced: a transaction of
+acks and claims alone commits with ``synchronous=NORMAL``, even under
+``"strict"``; any transaction holding a publish (or a nack, a dead-letter, a
+replay) is synced as the file asks. ``ack()`` returns after the commit, so a
+process crash undoes no returned ack. The window: an ack is on disk once the
+next synced commit on the file (any publish, from any process) or the next
+checkpoint has run, as the WAL is replayed in order. A power loss or OS crash
+before that (a fraction of a second while messages flow; up to the next
+publish when idle) undoes the ack, and the message is delivered again, which
+at-least-once already allows (RELIABILITY.md P1 and P3 hold: the inbox absorbs
+the duplicate). ``docs/backends/sqlite.md`` has the details.
+
 Processes on one machine share the file: competing consumers and groups may
 live in different processes; leases use the machine-wide monotonic clock, so a
 killed process's messages go to another consumer when its lease runs out.
@@ -67,7 +79,7 @@ _BUSY_RETRY_PAUSE = 0.05
 #: There the checkpoints are the only fsyncs, and the same hot pages are copied at each:
 #: 4,000 (a WAL of up to 16 MiB) gave +9 % msg/s with 8 publishers (median of 7 paired
 #: runs); under ``strict`` every commit is synced anyway, and it changed nothing.
-_FAST_CHECKPOINT_PAGES = 4000
+FAST_CHECKPOINT_PAGES = 4000
 
 
 class SqliteSettings(BaseSettings):
@@ -133,7 +145,7 @@ class SqliteBroker(Broker):
             sync = "FULL" if self.settings.durability == "strict" else "NORMAL"
             connection.execute(f"PRAGMA synchronous = {sync}")
             if sync == "NORMAL":
-                connection.execute(f"PRAGMA wal_autocheckpoint = {_FAST_CHECKPOINT_PAGES}")
+                connection.execute(f"PRAGMA wal_autocheckpoint = {FAST_CHECKPOINT_PAGES}")
             ops.migrate(connection, now=self._clock.monotonic())
         except sqlite3.OperationalError as exc:
             connection.close()
@@ -395,20 +407,30 @@ class SqliteBroker(Broker):
             return (0, 0)
         return (self._writer.commits, self._writer.operations)
 
+    @property
+    def synced_commits(self) -> int:
+        """Writing transactions committed at the file's level (with an fsync under strict).
+
+        The others held only acks and claims (see the module docstring).
+        """
+        return 0 if self._writer is None else self._writer.synced
+
     async def stats(self) -> Sequence[GroupStats]:
         self._check_open()
         return list(await self._call(ops.stats, self._clock.monotonic(), read_only=True))
 
     # -- settling (called by SqliteDelivery) --------------------------------------
 
-    async def _settle(self, delivery: SqliteDelivery, step: Step, request: Any) -> None:
+    async def _settle(
+        self, delivery: SqliteDelivery, step: Step, request: Any, *, durable: bool = True
+    ) -> None:
         if self._closed:
             raise BrokerClosedError(
                 f"the SQLite broker on {str(self.path)!r} closed before this delivery was settled; "
                 f"its message will be delivered again"
             )
         self._held.discard(delivery)
-        current = await self._submit(step, request)
+        current = await self._submit(step, request, durable=durable)
         if not current:
             self.stale_settles += 1
 
@@ -454,8 +476,9 @@ class SqliteDelivery(Delivery):
         self.mark_settled()
 
     async def ack(self) -> None:
+        """Returns once the ack is committed, without an fsync: see the module docstring."""
         self._begin()
-        await self._broker._settle(self, ops.ack, self.handle)
+        await self._broker._settle(self, ops.ack, self.handle, durable=False)
 
     async def nack(self, *, delay: float = 0.0, error: Failure | None = None) -> None:
         self._begin()
