@@ -29,12 +29,12 @@ from types import TracebackType
 from typing import Any, Self, TypeVar, overload
 from urllib.parse import urlsplit
 
+import grpc  # type: ignore[import-untyped]
 from pydantic import BaseModel, ValidationError
 
-import grpc  # type: ignore[import-untyped]
 from wirework.errors import BadRequestError, ConfigurationError, RemoteError, WireworkError
 from wirework.grpc.codec import Codec, InvalidMessageError, MessageCodec
-from wirework.grpc.handlers import IDEMPOTENCY_KEY
+from wirework.grpc.handlers import IDEMPOTENCY_KEY, call_tracer
 from wirework.grpc.proto import RpcSpec, derive_endpoints
 from wirework.grpc.server import MiB
 from wirework.grpc.status import error_from_status
@@ -70,6 +70,9 @@ class GrpcClient:
             the next address; a call is retried only when the endpoint is
             idempotent (GET, PUT, DELETE) or carries ``idempotency_key``, and a
             client stream never is. Server streams are not wrapped.
+        tracer_provider: trace each attempt with this OpenTelemetry provider; None
+            uses the global one if tracing was configured before this client was
+            built, else traces nothing.
 
     Raises:
         ConfigurationError: no endpoints, a model without protobuf form, or
@@ -86,6 +89,7 @@ class GrpcClient:
         max_send_message_bytes: int = 4 * MiB,
         max_receive_message_bytes: int = 4 * MiB,
         policy: Policy | None = None,
+        tracer_provider: Any = None,
     ) -> None:
         if isinstance(service, Service):
             name, chosen = service.name, list(endpoints or service.endpoints)
@@ -122,6 +126,8 @@ class GrpcClient:
         ]
         self._channels: dict[str, Any] = {}
         self._policy = policy
+        self._tracer = call_tracer(tracer_provider)
+        self._target = ""  # the address the last _channel() picked, for the span
 
     # -- calling ------------------------------------------------------------------
 
@@ -177,7 +183,11 @@ class GrpcClient:
                 options = self._call_options(timeout, metadata, idempotency_key)
                 method = rpc.multicallable(self._channel())
                 try:
-                    data = await method(request, **options)
+                    if self._tracer is None:
+                        data = await method(request, **options)
+                    else:
+                        with self._tracer.client(rpc.method, self._target, options["metadata"]):
+                            data = await method(request, **options)
                 except grpc.aio.AioRpcError as exc:
                     raise _error(exc) from exc
                 return rpc.decode(data)
@@ -195,7 +205,11 @@ class GrpcClient:
             options = self._call_options(timeout, metadata, idempotency_key)
             method = rpc.multicallable(self._channel())
             try:
-                data = await method(requests.encoded(), **options)
+                if self._tracer is None:
+                    data = await method(requests.encoded(), **options)
+                else:
+                    with self._tracer.client(rpc.method, self._target, options["metadata"]):
+                        data = await method(requests.encoded(), **options)
             except grpc.aio.AioRpcError as exc:
                 raise requests.failure or _error(exc) from exc
             except asyncio.CancelledError:
@@ -255,23 +269,37 @@ class GrpcClient:
         options = self._call_options(timeout, metadata, idempotency_key)
         method = rpc.multicallable(self._channel())
         requests: _Requests | None = None
+        request = b""
         if rpc.kind == "server":
-            call = method(rpc.request.encode(rpc.validate(arguments)), **options)
+            request = rpc.request.encode(rpc.validate(arguments))
         else:
             requests = _Requests(rpc, arguments)
-            call = method(requests.encoded(), **options)
+        span = None
+        if self._tracer is not None:
+            pairs = options["metadata"]
+            span = self._tracer.client(rpc.method, self._target, pairs, current=False)
+            span.__enter__()
+        call = method(request if requests is None else requests.encoded(), **options)
+        failure: BaseException | None = None
         try:
             async for data in call:
                 yield rpc.decode(data)
         except grpc.aio.AioRpcError as exc:
+            failure = exc
             local = requests.failure if requests is not None else None
             raise local or _error(exc) from exc
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:
+            failure = exc
             if requests is None:
                 raise
             raise requests.cancelled_by() from None
+        except BaseException as exc:
+            failure = exc
+            raise
         finally:
             call.cancel()
+            if span is not None:
+                span.__exit__(None if failure is None else type(failure), failure, None)
 
     # -- channels -------------------------------------------------------------------
 
@@ -306,8 +334,9 @@ class GrpcClient:
         if self._addresses:
             target = self._addresses[self._turn % len(self._addresses)]
             self._turn += 1
+            self._target = target
         elif self._registry is not None:
-            target = _target(self._registry.next(self.service_name, "grpc"))
+            target = self._target = _target(self._registry.next(self.service_name, "grpc"))
         else:  # pragma: no cover - __init__ sets one of the two
             raise ConfigurationError(f"GrpcClient({self.service_name!r}) has no address")
         channel = self._channels.get(target)

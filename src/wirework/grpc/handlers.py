@@ -20,12 +20,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 from collections.abc import AsyncIterator
 from typing import Any, NoReturn
 
+import grpc  # type: ignore[import-untyped]
 from pydantic import BaseModel
 
-import grpc  # type: ignore[import-untyped]
 from wirework.errors import CallError, WireworkError, error_name
 from wirework.grpc.codec import InvalidMessageError, MessageCodec
 from wirework.grpc.status import ERROR_TYPE_KEY, STATUS_DETAILS_KEY, status_details
@@ -67,16 +68,23 @@ class Rpc:
         self._body = endpoint.body_name or ""
         self._unseen = CallContext(service.name, endpoint.name, "grpc")
 
-    def handler(self) -> Any:
-        """The grpc ``RpcMethodHandler`` for the endpoint's streaming kind."""
+    def handler(self, tracer: Any = None) -> Any:
+        """The grpc ``RpcMethodHandler`` for the endpoint's streaming kind; with a
+        ``tracer`` (``call_tracer``), each call runs inside a SERVER span."""
         kind = self.endpoint.streaming
-        if kind == "unary":
-            return grpc.unary_unary_rpc_method_handler(self.unary_unary)
+        if kind in ("unary", "client"):
+            unary = self.unary_unary if kind == "unary" else self.stream_unary
+            if tracer is not None:
+                unary = tracer.unary(self.method, unary)
+            if kind == "unary":
+                return grpc.unary_unary_rpc_method_handler(unary)
+            return grpc.stream_unary_rpc_method_handler(unary)
+        stream = self.unary_stream if kind == "server" else self.stream_stream
+        if tracer is not None:
+            stream = tracer.streaming(self.method, stream)
         if kind == "server":
-            return grpc.unary_stream_rpc_method_handler(self.unary_stream)
-        if kind == "client":
-            return grpc.stream_unary_rpc_method_handler(self.stream_unary)
-        return grpc.stream_stream_rpc_method_handler(self.stream_stream)
+            return grpc.unary_stream_rpc_method_handler(stream)
+        return grpc.stream_stream_rpc_method_handler(stream)
 
     # -- the four kinds --------------------------------------------------------
 
@@ -213,6 +221,20 @@ class _CallScope:
     def __exit__(self, *exc_info: object) -> None:
         if self._scope is not None:
             self._scope.__exit__(None, None, None)
+
+
+def call_tracer(provider: Any = None, **where: Any) -> Any:
+    """The spans of gRPC calls (``wirework.tracing.grpc_calls.GrpcCallTracer``), or None
+    when tracing is not configured, so an untraced server or client wraps nothing.
+
+    ``provider`` None means OpenTelemetry's global provider, if one was set; if
+    nothing imported OpenTelemetry, nothing configured it, and it is not imported here.
+    """
+    if provider is None and "opentelemetry.trace" not in sys.modules:
+        return None
+    from wirework.tracing.grpc_calls import GrpcCallTracer
+
+    return GrpcCallTracer.configured(provider, **where)
 
 
 def _headers(metadata: Any) -> dict[str, str]:

@@ -18,12 +18,12 @@ from __future__ import annotations
 from types import TracebackType
 from typing import Any, Self
 
+import grpc  # type: ignore[import-untyped]
 from pydantic import BaseModel, ConfigDict, Field
 
-import grpc  # type: ignore[import-untyped]
 from wirework.errors import ConfigurationError
 from wirework.grpc.codec import Codec
-from wirework.grpc.handlers import Rpc
+from wirework.grpc.handlers import Rpc, call_tracer
 from wirework.grpc.health import HEALTH_SERVICE, NOT_SERVING, SERVING, Health
 from wirework.grpc.proto import ProtoFile, derive
 from wirework.service.service import Service
@@ -47,6 +47,8 @@ class GrpcLimits(BaseModel):
         keepalive_timeout: seconds to wait for a ping's answer before closing the connection.
         min_ping_interval: a client pinging more often than this is sent GOAWAY.
         max_connection_idle: seconds after which a connection with no call is closed.
+        reuse_port: share the port with other processes (``wirework run --workers``);
+            off by default, so a second server on a port in use is refused.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -60,6 +62,7 @@ class GrpcLimits(BaseModel):
     keepalive_timeout: float = Field(20.0, gt=0)
     min_ping_interval: float = Field(300.0, gt=0)
     max_connection_idle: float | None = Field(None, gt=0)
+    reuse_port: bool = False
 
     def options(self) -> list[tuple[str, int]]:
         """The grpc channel arguments that enforce these limits."""
@@ -73,8 +76,9 @@ class GrpcLimits(BaseModel):
             ("grpc.keepalive_time_ms", _ms(self.keepalive_time)),
             ("grpc.keepalive_timeout_ms", _ms(self.keepalive_timeout)),
             ("grpc.http2.min_recv_ping_interval_without_data_ms", _ms(self.min_ping_interval)),
-            # Two servers on one port would split its calls silently: refuse the second.
-            ("grpc.so_reuseport", 0),
+            # Two servers on one port would split its calls silently: refuse the second,
+            # unless they are meant to (worker processes of one `wirework run`).
+            ("grpc.so_reuseport", int(self.reuse_port)),
         ]
         if self.max_connection_idle is not None:
             options.append(("grpc.max_connection_idle_ms", _ms(self.max_connection_idle)))
@@ -99,6 +103,9 @@ class GrpcServer:
             exposed unless asked for).
         port: the TCP port; 0 picks a free one (read it from ``.port``).
         limits: message sizes, stream counts and keepalive (``GrpcLimits``).
+        tracer_provider: trace each call with this OpenTelemetry provider
+            (``configure_tracing(...).provider``); None uses the global one if
+            tracing was configured before this server was built, else traces nothing.
 
     Raises:
         ConfigurationError: a service without gRPC endpoints, a model that has
@@ -111,6 +118,7 @@ class GrpcServer:
         host: str = "127.0.0.1",
         port: int = 0,
         limits: GrpcLimits | None = None,
+        tracer_provider: Any = None,
     ) -> None:
         if not services:
             raise ConfigurationError("GrpcServer needs at least one Service to serve")
@@ -122,6 +130,7 @@ class GrpcServer:
         self._port: int | None = None
         self._server: Any = None
         self._handlers: dict[str, dict[str, Any]] = {}
+        self._tracer = call_tracer(tracer_provider, host=host)
         for service in services:
             proto = derive(service)
             path = service_path(proto)
@@ -129,7 +138,7 @@ class GrpcServer:
                 raise ConfigurationError(
                     f"two services would both be gRPC service {path!r}; give them different names"
                 )
-            self._handlers[path] = _handlers(service, proto)
+            self._handlers[path] = _handlers(service, proto, self._tracer)
 
     @property
     def port(self) -> int:
@@ -178,6 +187,8 @@ class GrpcServer:
             ) from cause
         await server.start()
         self._server, self._port = server, port
+        if self._tracer is not None:
+            self._tracer.port = port
 
     async def stop(self, grace: float | None = 5.0) -> None:
         """Report NOT_SERVING, refuse new calls, give running ones ``grace`` seconds."""
@@ -205,7 +216,7 @@ class GrpcServer:
         await self.stop()
 
 
-def _handlers(service: Service, proto: ProtoFile) -> dict[str, Any]:
+def _handlers(service: Service, proto: ProtoFile, tracer: Any = None) -> dict[str, Any]:
     codec = Codec(proto)
     path = service_path(proto)
     return {
@@ -215,6 +226,6 @@ def _handlers(service: Service, proto: ProtoFile) -> dict[str, Any]:
             f"/{path}/{rpc.endpoint.name}",
             codec.codec(rpc.request),
             codec.codec(rpc.response),
-        ).handler()
+        ).handler(tracer)
         for rpc in proto.rpcs
     }

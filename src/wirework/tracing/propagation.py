@@ -65,6 +65,8 @@ _KEY = re.compile(
     r"|[a-z0-9][_0-9a-z\-*/]{0,240}@[a-z][_0-9a-z\-*/]{0,13}"
 )
 _VALUE = re.compile(r"[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]")
+#: The common case, a version-00 traceparent, in one match (the rules below, at C speed).
+_TRACEPARENT_00 = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 _B3_SAMPLING = {"0": False, "1": True, "d": True}
 _B3_MULTI_SAMPLED = {"0": False, "1": True, "false": False, "true": True}
 
@@ -111,6 +113,17 @@ def parse_traceparent(value: str) -> SpanContext | None:
     is ignored, as the specification asks of forward compatibility.
     """
     value = value.strip(_OWS)
+    common = _TRACEPARENT_00.fullmatch(value)
+    if common is not None:
+        trace_id, span_id, flags = common.groups()
+        if trace_id == "0" * 32 or span_id == "0" * 16:
+            return None
+        return SpanContext(
+            trace_id=int(trace_id, 16),
+            span_id=int(span_id, 16),
+            is_remote=True,
+            trace_flags=TraceFlags(int(flags, 16) & TraceFlags.SAMPLED),
+        )
     if len(value) < 55 or len(value) > MAX_TRACEPARENT_INPUT:
         return None
     version = value[:2]

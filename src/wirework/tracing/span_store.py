@@ -234,26 +234,35 @@ class SpanStore:
 
     def write(self, spans: Iterable[SpanRecord]) -> None:
         """Store ``spans`` (a span seen twice is kept once), then prune to the bounds."""
-        rows = [
-            (
-                s.trace_id,
-                s.span_id,
-                s.parent_id,
-                s.name,
-                s.kind,
-                s.service,
-                s.start_ns,
-                s.end_ns,
-                s.status,
-                s.status_message,
-                json.dumps(s.attributes, default=str),
-                json.dumps(s.events, default=str),
-                _text(s.attributes.get(CORRELATION_ATTRIBUTE)),
-                _text(s.attributes.get(SAGA_ATTRIBUTE)),
-                _text(s.attributes.get(KEY_ATTRIBUTE)),
-            )
-            for s in spans
-        ]
+        self.write_rows(
+            [
+                (
+                    s.trace_id,
+                    s.span_id,
+                    s.parent_id,
+                    s.name,
+                    s.kind,
+                    s.service,
+                    s.start_ns,
+                    s.end_ns,
+                    s.status,
+                    s.status_message,
+                    json.dumps(s.attributes, default=str),
+                    json.dumps(s.events, default=str),
+                    _text(s.attributes.get(CORRELATION_ATTRIBUTE)),
+                    _text(s.attributes.get(SAGA_ATTRIBUTE)),
+                    _text(s.attributes.get(KEY_ATTRIBUTE)),
+                )
+                for s in spans
+            ]
+        )
+
+    def write_rows(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        """Store rows in ``_COLUMNS`` order (what ``span_row`` makes), then prune.
+
+        Pruning costs what it removes: the age bound goes through the ``end_ns``
+        index and the count bound is a rowid range (rowids grow with each insert).
+        """
         oldest = time.time_ns() - int(self.max_age.total_seconds() * 1e9)
         with self._lock:
             db = self._connection()
@@ -264,11 +273,11 @@ class SpanStore:
                     rows,
                 )
                 db.execute("DELETE FROM spans WHERE end_ns < ?", (oldest,))
-                # Insertion order is rowid order: everything before the newest
-                # max_spans rows goes.
+                # Insertion order is rowid order, and a new row's rowid is one more
+                # than the largest: everything before the newest max_spans rows goes.
+                # (Counting back with OFFSET instead walked max_spans rows per batch.)
                 db.execute(
-                    "DELETE FROM spans WHERE rowid <= "
-                    "(SELECT rowid FROM spans ORDER BY rowid DESC LIMIT 1 OFFSET ?)",
+                    "DELETE FROM spans WHERE rowid <= (SELECT max(rowid) FROM spans) - ?",
                     (self.max_spans,),
                 )
 
@@ -408,6 +417,51 @@ def span_record(span: ReadableSpan) -> SpanRecord | None:
     )
 
 
+def span_row(span: ReadableSpan) -> tuple[Any, ...] | None:
+    """The store's row for an SDK span, made directly (no ``SpanRecord``): the exporter's
+    per-span work runs on a thread that shares the GIL with the handlers."""
+    context = span.context
+    start, end = span.start_time, span.end_time
+    if context is None or start is None or end is None:
+        return None
+    attributes = dict(span.attributes) if span.attributes else {}
+    service = attributes.get(SERVICE_ATTRIBUTE) or span.resource.attributes.get(
+        "service.name", "unknown"
+    )
+    events = span.events
+    status = span.status
+    parent = span.parent
+    return (
+        f"{context.trace_id:032x}",
+        f"{context.span_id:016x}",
+        None if parent is None else f"{parent.span_id:016x}",
+        span.name,
+        span.kind.name,
+        str(service),
+        start,
+        end,
+        status.status_code.name,
+        status.description,
+        # Tuples (sequence attributes) become JSON arrays as they are.
+        _dumps(attributes),
+        _dumps(
+            [
+                {"name": e.name, "time_ns": e.timestamp, "attributes": dict(e.attributes or {})}
+                for e in events
+            ]
+        )
+        if events
+        else "[]",
+        _text(attributes.get(CORRELATION_ATTRIBUTE)),
+        _text(attributes.get(SAGA_ATTRIBUTE)),
+        _text(attributes.get(KEY_ATTRIBUTE)),
+    )
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, default=str, separators=(",", ":"))
+
+
 def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
@@ -419,9 +473,9 @@ class SpanStoreExporter(SpanExporter):
         self.store = store
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        records = [r for r in map(span_record, spans) if r is not None]
+        rows = [row for row in map(span_row, spans) if row is not None]
         try:
-            self.store.write(records)
+            self.store.write_rows(rows)
         except (sqlite3.Error, ConfigurationError, OSError):
             return SpanExportResult.FAILURE
         return SpanExportResult.SUCCESS
