@@ -6,7 +6,8 @@ and SQLite), ``backends`` (9-10: Redis, RabbitMQ, NATS beside their raw clients
 and FastStream; ``--servers`` picks some), ``rpc`` (11: REST versus gRPC for one
 handler, beside FastAPI, plain Starlette and plain grpcio), ``saga`` (12: 3-step
 sagas per second on the SQLite store, and the per-step overhead over direct calls),
-``safety`` (13: the inbox and the outbox against their unsafe counterparts).
+``safety`` (13: the inbox and the outbox against their unsafe counterparts),
+``tracing`` (14: a small flow and request-reply with tracing on and off).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from bench import (
     saga,
     service_overhead,
     throughput,
+    tracing,
 )
 from bench.payload import CONCURRENCY, PREFETCH, PUBLISH_WINDOW, PUBLISHERS, make_messages
 from bench.plan import FULL, QUICK, Sizes
@@ -60,6 +62,7 @@ WORKLOADS: dict[str, tuple[str, Callable[[Sizes], list[Figure]]]] = {
     "11": ("REST versus gRPC, one typed handler, beside their baselines", rpc.rest_vs_grpc),
     "12": ("sagas: 3-step sagas/s and the per-step overhead", saga.saga_throughput),
     "13": ("the price of safety: inbox and outbox", safety.price_of_safety),
+    "14": ("tracing overhead: a small flow, tracing on and off", tracing.tracing_overhead),
 }
 
 #: Suites by name: their title in the output and their workloads.
@@ -70,6 +73,7 @@ SUITES: dict[str, tuple[str, list[str]]] = {
     "rpc": ("REST and gRPC", ["11"]),
     "saga": ("sagas", ["12"]),
     "safety": ("inbox and outbox", ["13"]),
+    "tracing": ("tracing", ["14"]),
 }
 
 

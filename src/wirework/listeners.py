@@ -1,7 +1,8 @@
 """The REST and gRPC listeners ``wirework run --http/--grpc`` opens beside the services.
 
 One HTTP server (``wirework.http``) serves every endpoint of every service
-run in the process, and one gRPC server (``wirework.grpc``) the same
+run in the process, and Prometheus metrics at ``/metrics`` when the tracing
+extra is installed; one gRPC server (``wirework.grpc``) serves the same
 endpoints over gRPC. They open once every service has started (an endpoint
 may publish or send a request) and close before the services stop, so a
 request in flight finishes on a broker that is still open. With several
@@ -67,12 +68,23 @@ class Listeners:
         self.shared_port = shared_port
         self.grace = grace
         self._stops: list[Callable[[], Awaitable[None]]] = []
+        self.metrics: Callable[..., Awaitable[None]] | None = None
+        """The ``/metrics`` ASGI app (None without the tracing extra)."""
+        if http is not None:
+            # Built now, before the services start: it adds their latency middleware.
+            try:
+                from wirework.tracing.metrics import metrics_app
+            except ModuleNotFoundError:  # no tracing extra: no /metrics
+                self.metrics = None
+            else:
+                self.metrics = metrics_app(*self.services)
         served = [s for s in self.services if s.endpoints]
-        if (http or grpc) and not served:
+        if grpc and not served:
             names = ", ".join(s.name for s in self.services)
             raise ConfigurationError(
-                f"--http/--grpc given, but none of the services ({names}) declares an "
-                f"endpoint; add one with @svc.get(...) or @svc.post(...), or drop the option"
+                f"--grpc given, but none of the services ({names}) declares an endpoint; "
+                f"add one with @svc.get(...) or @svc.post(...), or drop the option "
+                f"(--http alone still serves /metrics and /healthz)"
             )
 
     @property
@@ -83,10 +95,15 @@ class Listeners:
         """Open every listener asked for; on a failure close what was opened and raise."""
         try:
             if self.http is not None:
+                from starlette.routing import Mount
+
                 from wirework.http import HttpServer, http_app
 
+                app = http_app(*self.services)
+                if self.metrics is not None:
+                    app.router.routes.append(Mount("/metrics", app=self.metrics))
                 server = HttpServer(
-                    http_app(*self.services),
+                    app,
                     self.http.host,
                     self.http.port,
                     grace=self.grace,

@@ -408,10 +408,31 @@ async def test_workers_share_the_http_port(launch: Launcher) -> None:
     assert await run.exited(KILL_MARGIN + 10) == 0, run.output
 
 
-async def test_http_without_endpoints_is_a_usage_error(launch: Launcher) -> None:
-    run = launch.start("--http", ":0", JOBS)
+async def test_grpc_without_endpoints_is_a_usage_error(launch: Launcher) -> None:
+    run = launch.start("--grpc", ":0", JOBS)
     assert await run.exited(20) == 2, run.output
     assert "none of the services (run-jobs) declares an endpoint" in run.output
+
+
+async def test_http_serves_prometheus_metrics_of_a_worker_service(launch: Launcher) -> None:
+    """--http on a service without endpoints still serves /metrics with its handlers' counts."""
+    import aiohttp
+
+    run = launch.start("--http", ":0", JOBS, sleep=0.0)
+    await run.wait_until(lambda: _listening(run.output, "http") is not None, 20, what="port")
+    await run.wait_until(lambda: launch.groups_exist("jobs"), 20, what="group")
+    await launch.publish(5)
+    await run.wait_until(lambda: len(launch.ids()) == 5, 20, what="5 jobs")
+    url = f"http://127.0.0.1:{_listening(run.output, 'http')}/metrics"
+
+    async def counted() -> bool:
+        async with aiohttp.ClientSession() as session, session.get(url) as response:
+            text = await response.text()
+        return bool(re.search(r'wirework_messages_handled_total\{[^}]*service="run-jobs"[^}]*\} 5\.0', text))
+
+    await run.wait_until(counted, 20, what="handled=5 in /metrics")
+    run.terminate()
+    assert await run.exited(10) == 0, run.output
 
 
 def api_service() -> Service:
