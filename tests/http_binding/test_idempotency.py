@@ -17,14 +17,13 @@ import orjson
 import pytest
 from pydantic import BaseModel, Field
 
-from tests.helpers.services import require_service
-from tests.store.conftest import BACKENDS, PG_DSN, drop_schema
+from tests.helpers.stores import BACKENDS, empty_store_url, opened_store
 from wirework.errors import ConfigurationError, ConflictError
 from wirework.http import HttpClient, http_app
 from wirework.http.idempotency import TABLE, IdempotencyKeyInUseError, IdempotencySettings
 from wirework.http.server import HttpServer
 from wirework.service import CallContext, Service
-from wirework.store import Store, connect_store
+from wirework.store import Store
 from wirework.testing.conformance import wait_until
 
 PROBLEM = "application/problem+json"
@@ -80,25 +79,14 @@ class Shop:
 @pytest.fixture(params=BACKENDS)
 async def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
     """An empty store of one backend: a fresh SQLite file, or a PostgreSQL schema dropped after."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/keys.db"
-        return
-    require_service("PostgreSQL", "127.0.0.1", 5432)
-    schema = f"ww_keys_{uuid.uuid4().hex[:12]}"
-    try:
-        yield f"{PG_DSN}?schema={schema}"
-    finally:
-        await drop_schema(schema)
+    async with empty_store_url(request.param, tmp_path) as url:
+        yield url
 
 
 @pytest.fixture
 async def store(store_url: str) -> AsyncIterator[Store]:
-    opened = connect_store(store_url)
-    await opened.open()
-    try:
+    async with opened_store(store_url) as opened:
         yield opened
-    finally:
-        await opened.aclose()
 
 
 @pytest.fixture

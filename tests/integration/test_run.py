@@ -428,7 +428,9 @@ async def test_http_serves_prometheus_metrics_of_a_worker_service(launch: Launch
     async def counted() -> bool:
         async with aiohttp.ClientSession() as session, session.get(url) as response:
             text = await response.text()
-        return bool(re.search(r'wirework_messages_handled_total\{[^}]*service="run-jobs"[^}]*\} 5\.0', text))
+        return bool(
+            re.search(r'wirework_messages_handled_total\{[^}]*service="run-jobs"[^}]*\} 5\.0', text)
+        )
 
     await run.wait_until(counted, 20, what="handled=5 in /metrics")
     run.terminate()

@@ -13,7 +13,6 @@ the printed ``.proto`` (``proto``, ``descriptors``, ``codec``).
 
 try:
     import google.protobuf  # type: ignore[import-untyped]  # noqa: F401
-
     import grpc  # type: ignore[import-untyped]  # noqa: F401
 except ModuleNotFoundError as exc:  # pragma: no cover - depends on the installed extras
     raise ModuleNotFoundError(

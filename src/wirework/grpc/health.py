@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import grpc  # type: ignore[import-untyped]
 from google.protobuf import descriptor_pb2, text_format  # type: ignore[import-untyped]
 
-import grpc  # type: ignore[import-untyped]
 from wirework.grpc.descriptors import load, message_class
 
 HEALTH_SERVICE = "grpc.health.v1.Health"
