@@ -49,6 +49,7 @@ def check(total: float, qty: int) -> None:
 async def server(kind: str, directory: Path) -> AsyncIterator[int]:
     """One ``bench.rpc_apps`` child; yields its port, stops it with SIGTERM."""
     port_file = directory / f"{kind}.port"
+    port_file.unlink(missing_ok=True)  # a repeat must not read the last run's port
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench.rpc_apps", kind, str(port_file), cwd=ROOT
     )
