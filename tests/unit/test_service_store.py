@@ -149,3 +149,24 @@ async def test_the_store_comes_from_wirework_store_and_closes_with_the_service(
 
     assert svc.store is not opened  # closed at stop; the next use opens it again
     await svc.store.aclose()
+
+
+async def test_a_store_named_by_wirework_store_is_relayed_without_idempotent_handlers(
+    store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Outbox rows written outside any handler reach the broker: the service runs the relay."""
+    monkeypatch.setenv("WIREWORK_STORE", store_url)
+    broker = connect("memory://")
+    svc = Service("payments", broker=broker)
+    listener = Service("ledger", broker=broker)
+    seen: list[str] = []
+
+    @listener.subscribe("payments.events")
+    async def on_paid(event: Paid) -> None:
+        seen.append(event.order_id)
+
+    async with listener, svc:
+        async with svc.store.transaction() as tx:
+            await tx.publish("payments.events", svc.envelope(Paid(order_id="o-5")))
+        await wait_until(lambda: seen == ["o-5"], 10, what="the relayed event")
+    await broker.aclose()

@@ -442,9 +442,16 @@ class Service:
         return self._store
 
     def _uses_store(self) -> bool:
+        """Whether start() opens the store and runs its relay.
+
+        ``WIREWORK_STORE`` counts: a deployment that names a store may write to
+        its outbox from outside any handler (``svc.store.transaction()``), and
+        those rows need this service's relay as much as ``ctx.tx`` rows do.
+        """
         return (
             self._store_arg is not None
             or self._store is not None
+            or bool(os.environ.get("WIREWORK_STORE"))
             or any(b.idempotent for b in self.bindings)
         )
 
