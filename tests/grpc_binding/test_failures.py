@@ -43,18 +43,11 @@ from wirework.grpc.health import SERVING, HealthCheckRequest, HealthCheckRespons
 from wirework.grpc.proto import derive
 from wirework.grpc.status import BadRequest, ErrorInfo, RpcStatus, error_from_status
 from wirework.resilience.deadline import Deadline, deadline_scope
+from wirework.testing.conformance import wait_until
 
 MiB = 1024 * 1024
 T = TypeVar("T")
 SERVICE = "/wirework.grpc_shop.GrpcShop"
-
-
-async def eventually(check: Callable[[], bool], *, within: float = 5.0) -> None:
-    """Wait until ``check()`` holds, failing after ``within`` seconds."""
-    deadline = time.monotonic() + within
-    while not check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.01)
 
 
 async def first_success(call: Callable[[], Awaitable[T]], *, within: float = 5.0) -> T:
@@ -208,7 +201,7 @@ async def test_a_passed_deadline_is_deadline_exceeded_and_the_handler_saw_and_lo
     (remaining,) = seen_deadlines
     assert remaining is not None
     assert 0 < remaining <= 0.5
-    await eventually(lambda: len(slow_cancelled) == 1)  # the handler was cancelled...
+    await wait_until(lambda: len(slow_cancelled) == 1, 5, what="the handler cancelled")
     assert slow_cancelled[0] < 0.1  # ...at the deadline, not long before
 
 
@@ -314,7 +307,7 @@ async def test_calls_over_max_concurrent_rpcs_are_refused_while_the_others_run()
         GrpcClient(svc, address=server.address) as client,
     ):
         busy = asyncio.create_task(client.call(slow, timeout=3))
-        await eventually(lambda: len(seen_deadlines) == 1)  # the slot is taken
+        await wait_until(lambda: len(seen_deadlines) == 1, 5, what="the slot taken")
 
         with pytest.raises(TooManyRequestsError) as caught:
             await client.call(size, blob=Blob(data="x"), timeout=5)
@@ -323,5 +316,5 @@ async def test_calls_over_max_concurrent_rpcs_are_refused_while_the_others_run()
         busy.cancel()
         with pytest.raises(asyncio.CancelledError):
             await busy
-        await eventually(lambda: len(slow_cancelled) == 1)  # cancelling the caller reached it
+        await wait_until(lambda: len(slow_cancelled) == 1, 5, what="the cancel reaching it")
         assert await first_success(lambda: client.call(size, blob=Blob(data="ok"))) == Size(chars=2)

@@ -82,6 +82,21 @@ class Worker:
         return "\n".join(text.splitlines()[-lines:])
 
 
+def spawn(name: str, argv: Sequence[str], environment: dict[str, str], log: Path) -> Worker:
+    """Start a worker process in a session of its own, its output in ``log``."""
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            list(argv),
+            cwd=REPO,
+            env=environment,
+            stdin=subprocess.DEVNULL,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    return Worker(name, process, log)
+
+
 class FaultRun:
     """The broker file, ledger directory and worker processes of one test."""
 
@@ -123,18 +138,7 @@ class FaultRun:
             name,
             *options,
         ]
-        log = self.logs / f"{name}-{len(self.workers)}.log"
-        with log.open("wb") as sink:
-            process = subprocess.Popen(
-                argv,
-                cwd=REPO,
-                env=environment,
-                stdin=subprocess.DEVNULL,
-                stdout=sink,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        worker = Worker(name, process, log)
+        worker = spawn(name, argv, environment, self.logs / f"{name}-{len(self.workers)}.log")
         self.workers.append(worker)
         return worker
 

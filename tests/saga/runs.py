@@ -10,7 +10,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from tests.helpers.harness import REPO, Worker
+from tests.helpers.harness import Worker, spawn
 from wirework.saga.state import TERMINAL
 from wirework.store import Store
 from wirework.testing.ledger import History
@@ -60,18 +60,7 @@ class SagaRun:
             "--poll=0.2",
             f"--max-sagas={max_sagas}",
         ]
-        log = self.logs / f"{name}-{len(self.workers)}.log"
-        with log.open("wb") as sink:
-            process = subprocess.Popen(
-                argv,
-                cwd=REPO,
-                env=environment,
-                stdin=subprocess.DEVNULL,
-                stdout=sink,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        worker = Worker(name, process, log)
+        worker = spawn(name, argv, environment, self.logs / f"{name}-{len(self.workers)}.log")
         self.workers.append(worker)
         return worker
 

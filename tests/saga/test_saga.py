@@ -295,7 +295,7 @@ async def test_a_step_reading_a_sibling_fails_and_a_timed_out_step_is_compensate
 
     @saga.step("hangs", compensate=undo, timeout=0.1, retry=RetrySettings(max_attempts=2))
     async def hangs(ctx: StepContext[LedgerOrder]) -> Done:
-        await asyncio.sleep(5)
+        await asyncio.Event().wait()  # never answers: only the step's timeout ends it
         return Done(step="hangs", key=ctx.idempotency_key)
 
     orchestrator = Orchestrator(store, [saga], **FAST)  # type: ignore[arg-type]

@@ -10,7 +10,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from tests.helpers.harness import REPO, Worker
+from tests.helpers.harness import Worker, spawn
 from tests.helpers.store_worker import TOPIC
 from wirework.brokers.sqlite import SqliteBroker
 from wirework.store import Store
@@ -76,18 +76,7 @@ class StoreRun:
             name,
             *options,
         ]
-        log = self.logs / f"{name}-{len(self.workers)}.log"
-        with log.open("wb") as sink:
-            process = subprocess.Popen(
-                argv,
-                cwd=REPO,
-                env=environment,
-                stdin=subprocess.DEVNULL,
-                stdout=sink,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        worker = Worker(name, process, log)
+        worker = spawn(name, argv, environment, self.logs / f"{name}-{len(self.workers)}.log")
         self.workers.append(worker)
         return worker
 
