@@ -14,6 +14,7 @@ import pytest
 from pydantic import BaseModel
 
 from wirework.brokers import connect
+from wirework.envelope import Envelope
 from wirework.errors import ConfigurationError, TransactionError
 from wirework.service import Context, Service
 from wirework.testing.conformance import wait_until
@@ -170,3 +171,73 @@ async def test_a_store_named_by_wirework_store_is_relayed_without_idempotent_han
             await tx.publish("payments.events", svc.envelope(Paid(order_id="o-5")))
         await wait_until(lambda: seen == ["o-5"], 10, what="the relayed event")
     await broker.aclose()
+
+
+async def test_use_store_points_a_stopped_service_at_another_store(tmp_path: Path) -> None:
+    """The setting changes only while stopped, and an opened store closes with the service."""
+    broker = connect("memory://")
+    svc = Service("ledger", broker=broker, store=f"sqlite:///{tmp_path / 'first.db'}")
+    previous = svc.use_store(f"sqlite:///{tmp_path / 'second.db'}")
+    assert previous == f"sqlite:///{tmp_path / 'first.db'}"
+    async with svc:
+        async with svc.store.transaction() as tx:
+            await tx.execute("CREATE TABLE marks (n INTEGER)")
+        with pytest.raises(ConfigurationError, match="stop service 'ledger'"):
+            svc.use_store(f"sqlite:///{tmp_path / 'third.db'}")
+    await broker.aclose()
+    assert (tmp_path / "second.db").exists()
+    assert not (tmp_path / "first.db").exists()
+
+
+async def test_declared_groups_keep_what_is_sent_before_the_service_starts(
+    tmp_path: Path,
+) -> None:
+    """``declare()`` makes the groups: what is sent before the workers start waits for them.
+
+    The group starts at ``latest``, so without ``declare()`` it would be made at
+    start, after the message, and miss it (as any group does on RabbitMQ, where
+    a message reaching an exchange that no queue is bound to is dropped).
+    """
+    broker = connect(f"sqlite:///{tmp_path / 'broker.db'}")
+    worker = Service("printer", broker=broker)
+    printed: list[str] = []
+
+    @worker.subscribe("labels.print", start="latest")
+    async def print_label(command: Paid, ctx: Context) -> None:
+        printed.append(command.order_id)
+
+    sender = Service("orders", broker=broker)
+    async with sender:
+        await worker.declare()
+        await sender.send("labels.print", Paid(order_id="o-1"))
+        async with worker:
+            await wait_until(lambda: printed == ["o-1"], 10, what="the label sent before start")
+    await broker.aclose()
+
+
+async def test_events_written_in_svc_transaction_are_the_services_and_stamped(
+    store_url: str,
+) -> None:
+    """``svc.transaction()`` gives outbox events the service's source and its stamps (as
+    tracing adds its context); a bare ``store.transaction()`` has neither."""
+    broker = connect("memory://")
+    svc = Service("orders", broker=broker, store=store_url, relay=False)
+    seen: list[str] = []
+
+    def stamp(topic: str, envelope: Envelope) -> Envelope:
+        seen.append(topic)
+        return envelope.model_copy(update={"subject": "stamped"})
+
+    svc.use_outbox_stamp(stamp)
+    async with svc.transaction() as tx:
+        ours = await tx.publish("orders.placed", Paid(order_id="o-1"))
+    with pytest.raises(ConfigurationError, match="needs source="):
+        async with svc.store.transaction() as tx:
+            await tx.publish("orders.placed", Paid(order_id="o-2"))
+    svc.remove_outbox_stamp(stamp)
+    async with svc.transaction() as tx:
+        plain = await tx.publish("orders.placed", Paid(order_id="o-3"))
+    await svc.store.aclose()
+    await broker.aclose()
+    assert (ours.source, ours.subject, seen) == ("/orders", "stamped", ["orders.placed"])
+    assert (plain.source, plain.subject) == ("/orders", None)

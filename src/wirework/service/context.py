@@ -55,9 +55,7 @@ class Context:
         Raises:
             TransactionError: the handler is not idempotent, so no transaction is open.
         """
-        tx = current_transaction()
-        tx.default_source = f"/{self.service.name}"
-        return tx
+        return self.service.stamp_outbox(current_transaction())
 
     @property
     def idempotency_key(self) -> str:

@@ -9,10 +9,11 @@ group and stop together, in-flight handlers first.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import timedelta
 from types import TracebackType
 from typing import Any, Literal, Self, TypeVar, overload
@@ -60,13 +61,16 @@ from wirework.service.requests import (
     error_reply_body,
     reply_path,
 )
-from wirework.store import Store, connect_store
+from wirework.store import Store, Transaction, connect_store
 from wirework.store.inbox import InboxStats, inbox_middleware
 from wirework.store.outbox import Relay
 
 log = logging.getLogger("wirework.service")
 
 M = TypeVar("M", bound=BaseModel)
+OutboxStamp = Callable[[str, Envelope], Envelope]
+"""Rewrites an event (and its topic) as it is written to the outbox: see ``Transaction.stamp``."""
+
 H = TypeVar("H", bound=Callable[..., Awaitable[Any]])
 E = TypeVar("E", bound=Callable[..., Any])
 """An endpoint handler: a coroutine function, or an async generator for a server stream."""
@@ -131,6 +135,7 @@ class Service:
         self._requester: Requester | None = None
         self._tasks: asyncio.TaskGroup | None = None
         self._stopped = asyncio.Event()
+        self._outbox_stamps: list[OutboxStamp] = []
 
     # -- declaring ----------------------------------------------------------------
 
@@ -385,6 +390,39 @@ class Service:
         if middleware in self._consume_middleware:
             self._consume_middleware.remove(middleware)
 
+    def use_outbox_stamp(self, stamp: OutboxStamp) -> None:
+        """Apply ``stamp`` to every event this service writes to the outbox (tracing does)."""
+        self._outbox_stamps.append(stamp)
+
+    def remove_outbox_stamp(self, stamp: OutboxStamp) -> None:
+        if stamp in self._outbox_stamps:
+            self._outbox_stamps.remove(stamp)
+
+    def stamp_outbox(self, tx: Transaction) -> Transaction:
+        """Make ``tx``'s outbox events this service's: their source and its stamps."""
+        tx.default_source = f"/{self.name}"
+        stamps = tuple(self._outbox_stamps)
+        if stamps:
+
+            def stamp(topic: str, envelope: Envelope) -> Envelope:
+                for each in stamps:
+                    envelope = each(topic, envelope)
+                return envelope
+
+            tx.stamp = stamp
+        return tx
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Transaction]:
+        """``async with svc.transaction() as tx:`` a transaction of this service's store.
+
+        As ``svc.store.transaction()``, but events written with ``tx.publish``
+        are this service's (their ``source``) and carry the caller's trace
+        context when the service is traced, as ``ctx.tx`` events do.
+        """
+        async with self.store.transaction() as tx:
+            yield self.stamp_outbox(tx)
+
     def use_broker(self, broker: Broker | str | None) -> Broker | str | None:
         """Point a stopped service at another broker (tests swap in ``memory://`` with this).
 
@@ -401,6 +439,23 @@ class Service:
         self._broker_arg = broker
         self._broker = broker if isinstance(broker, Broker) else None
         self._owns_broker = not isinstance(broker, Broker)
+        return previous
+
+    def use_store(self, store: Store | str | None) -> Store | str | None:
+        """Point a stopped service at another store (a URL, or a ``Store`` the caller closes).
+
+        Returns the setting it replaced, so the caller can put it back.
+        """
+        if self._tasks is not None:
+            raise ConfigurationError(f"stop service {self.name!r} before changing its store")
+        if self._owns_store and self._store is not None:
+            raise ConfigurationError(
+                f"service {self.name!r} still holds the store it opened; stop it first"
+            )
+        previous = self._store_arg
+        self._store_arg = store
+        self._store = store if isinstance(store, Store) else None
+        self._owns_store = not isinstance(store, Store)
         return previous
 
     def use_clock(self, clock: Clock) -> Clock:
@@ -577,6 +632,18 @@ class Service:
     ) -> None:
         await self.stop()
 
+    async def declare(self) -> None:
+        """Create this service's groups on the broker without consuming from them.
+
+        What is sent to them from now on waits for the service, however late it
+        starts: a deployment step, or workers brought up after the work queued.
+        ``start`` declares them too; calling both is harmless.
+        """
+        broker = self.broker
+        if isinstance(broker, GroupAdmin):
+            for (topic, group), bindings in self._groups().items():
+                await broker.declare_group(self._subscription(topic, group, bindings))
+
     async def start(self) -> None:
         """Open the broker, declare every group, and start the consumers and the reply reader.
 
@@ -679,10 +746,21 @@ class Service:
             groups.setdefault((binding.topic, binding.group), []).append(binding)
         return groups
 
+    @staticmethod
+    def _subscription(topic: str, group: str, bindings: Sequence[Binding]) -> Subscription:
+        first = bindings[0]
+        concurrency = max(b.concurrency for b in bindings)
+        return Subscription(
+            topic=topic,
+            group=group,
+            prefetch=max(max(b.prefetch for b in bindings), concurrency),
+            lease_timeout=first.lease_timeout,
+            start=first.start,
+        )
+
     def _consumer(self, topic: str, group: str, bindings: Sequence[Binding]) -> Consumer:
         first = bindings[0]
         concurrency = max(b.concurrency for b in bindings)
-        prefetch = max(max(b.prefetch for b in bindings), concurrency)
         routes = [
             Route(event_type(b.spec.body_model), b.spec.body_model, self._handler(b))
             for b in bindings
@@ -702,13 +780,7 @@ class Service:
         responding = any(b.kind == "respond" for b in bindings)
         return Consumer(
             self.broker,
-            Subscription(
-                topic=topic,
-                group=group,
-                prefetch=prefetch,
-                lease_timeout=first.lease_timeout,
-                start=first.start,
-            ),
+            self._subscription(topic, group, bindings),
             routes=routes,
             retry=first.retry,
             concurrency=concurrency,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from contextvars import ContextVar, Token
 from types import TracebackType
@@ -94,6 +94,10 @@ class Transaction(ABC):
         """Outbox rows written; a commit with any wakes the relays."""
         self.default_source: str | None = None
         """The ``source`` of events ``publish`` wraps from a bare body (a service sets it)."""
+        self.stamp: Callable[[str, Envelope], Envelope] | None = None
+        """Applied to each event ``publish`` writes, with its topic: a service's tracing
+        puts the writer's trace context in it here, so the event's consumers join the
+        writer's trace although the relay publishes it later, from no context."""
         self.failed: StoreError | None = None
         """The first statement error: it spoils the transaction, which then cannot commit."""
 

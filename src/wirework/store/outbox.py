@@ -110,6 +110,8 @@ async def write(
             causationid=cause.id if cause else None,
             correlationid=(cause.correlationid or cause.id) if cause else None,
         )
+    if tx.stamp is not None:
+        envelope = tx.stamp(topic, envelope)
     message = encode_binary(envelope)
     if message.size > DEFAULT_MAX_MESSAGE_BYTES:
         raise MessageTooLargeError(message.size, DEFAULT_MAX_MESSAGE_BYTES, topic=topic)
