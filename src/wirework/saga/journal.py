@@ -23,13 +23,14 @@ sagas with them too.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 
 import orjson
 from pydantic import BaseModel
 
 from wirework.envelope import Envelope
+from wirework.errors import ConfigurationError
 from wirework.saga.errors import SagaLeaseLostError, SagaNotFoundError, SagaStateError
 from wirework.saga.state import ACTIVE, Event, Kind, SagaStatus
 from wirework.store.base import Row, Store, Transaction
@@ -77,7 +78,8 @@ class SagaEvent(BaseModel):
     """The saga's status once this event was recorded."""
     data: dict[str, Any]
     """``output`` (step_completed), ``error``, ``error_type``, ``unknown``, ``final``
-    (failures), ``input`` (saga_started)."""
+    (failures); ``input`` and the lineage, ``correlation_id``, ``causation_id``,
+    ``traceparent``, ``tracestate``, when known (saga_started)."""
 
     def state_event(self) -> Event:
         return Event(kind=self.kind, step=self.step, attempt=self.attempt, data=self.data)
@@ -88,6 +90,14 @@ class SagaHistory(BaseModel):
 
     saga: SagaRecord
     events: list[SagaEvent]
+
+    @property
+    def started(self) -> dict[str, Any]:
+        """The data of the ``saga_started`` event: the input and the lineage (empty: none)."""
+        for event in self.events:
+            if event.kind is Kind.SAGA_STARTED:
+                return event.data
+        return {}
 
 
 class SagaChanged(BaseModel):
@@ -168,9 +178,19 @@ async def _insert_event(
 
 
 async def create(
-    store: Store, saga_id: str, name: str, input: Mapping[str, Any], *, publish: bool
+    store: Store,
+    saga_id: str,
+    name: str,
+    input: Mapping[str, Any],
+    *,
+    publish: bool,
+    lineage: Mapping[str, str] | None = None,
 ) -> bool:
     """Record a new saga instance (``running``, no owner); False if ``saga_id`` exists.
+
+    Args:
+        lineage: kept in the ``saga_started`` event beside the input: the
+            correlation id, cause and trace context (``wirework.saga.lineage``).
 
     Raises:
         SagaStateError: a saga of another name has this id.
@@ -199,7 +219,12 @@ async def create(
                 )
             return False
         await _insert_event(
-            tx, saga_id, now, Kind.SAGA_STARTED, SagaStatus.RUNNING, data={"input": input}
+            tx,
+            saga_id,
+            now,
+            Kind.SAGA_STARTED,
+            SagaStatus.RUNNING,
+            data={"input": input, **(lineage or {})},
         )
         if publish:
             await _publish(tx, saga_id, name, SagaStatus.RUNNING, "saga.started")
@@ -414,3 +439,106 @@ async def mark_retry(store: Store, saga_id: str, *, publish: bool) -> SagaRecord
             "updated_at": now,
         }
     )
+
+
+class Pruned(BaseModel):
+    """What ``prune`` deleted (or, in a dry run, would delete)."""
+
+    cutoff: datetime
+    """Sagas that ended before this were pruned."""
+    sagas: dict[SagaStatus, int]
+    """Sagas deleted, by status (only statuses with some)."""
+    events: int
+    """History events deleted with them."""
+    dry_run: bool = False
+
+    @property
+    def total(self) -> int:
+        return sum(self.sagas.values())
+
+
+#: Sagas deleted per transaction by ``prune``, so a big backlog never holds long locks.
+PRUNE_BATCH = 500
+
+
+async def prune(
+    store: Store,
+    *,
+    older_than: timedelta,
+    include_failed: bool = False,
+    dry_run: bool = False,
+    batch: int = PRUNE_BATCH,
+    limit: int | None = None,
+) -> Pruned:
+    """Delete the record and history of sagas that ended more than ``older_than`` ago.
+
+    Only ``completed`` and ``compensated`` sagas, and ``compensation_failed``
+    ones with ``include_failed`` (they wait for an operator's retry); a saga
+    in flight is never touched, nor one retried while this runs. Sagas are
+    deleted oldest first, ``batch`` per transaction, at most ``limit`` in
+    all (None: every one); the cutoff is the store's clock at the start.
+
+    Raises:
+        ConfigurationError: a negative ``older_than``, a batch or limit below 1.
+    """
+    if older_than < timedelta(0):
+        raise ConfigurationError(f"prune older_than must not be negative, got {older_than}")
+    if batch < 1 or (limit is not None and limit < 1):
+        raise ConfigurationError(f"prune batch and limit must be at least 1: {batch}, {limit}")
+    statuses = [SagaStatus.COMPLETED.value, SagaStatus.COMPENSATED.value]
+    if include_failed:
+        statuses.append(SagaStatus.COMPENSATION_FAILED.value)
+    marks = ", ".join(f"${n}" for n in range(2, 2 + len(statuses)))
+    # updated_at is ended_at for an ended saga; the condition on it uses the status index.
+    ended = f"status IN ({marks}) AND updated_at < $1 AND ended_at IS NOT NULL AND ended_at < $1"
+    async with store.transaction() as tx:
+        cutoff = await store.now(tx) - older_than.total_seconds()
+        if dry_run:
+            rows = await tx.fetch(
+                f"SELECT status, COUNT(*) AS n FROM wirework_saga WHERE {ended} GROUP BY status",
+                cutoff,
+                *statuses,
+            )
+            events = await tx.fetchval(
+                "SELECT COUNT(*) FROM wirework_saga_event WHERE saga_id IN"
+                f" (SELECT saga_id FROM wirework_saga WHERE {ended})",
+                cutoff,
+                *statuses,
+            )
+            return Pruned(
+                cutoff=_when(cutoff),
+                sagas={SagaStatus(row["status"]): int(row["n"]) for row in rows},
+                events=int(events or 0),
+                dry_run=True,
+            )
+    counts: dict[SagaStatus, int] = {}
+    deleted_events = 0
+    most = f"${2 + len(statuses)}"
+    left = limit
+    while True:
+        size = batch if left is None else min(batch, left)
+        async with store.transaction() as tx:
+            # The outer condition is checked again under the row lock (PostgreSQL), so a
+            # saga retried meanwhile stays, history and all.
+            rows = await tx.fetch(
+                "DELETE FROM wirework_saga WHERE saga_id IN (SELECT saga_id FROM wirework_saga"
+                f" WHERE {ended} ORDER BY updated_at LIMIT {most}) AND {ended}"
+                " RETURNING saga_id, status",
+                cutoff,
+                *statuses,
+                size,
+            )
+            if rows:
+                ids = ", ".join(f"${n}" for n in range(1, 1 + len(rows)))
+                deleted_events += await tx.execute(
+                    f"DELETE FROM wirework_saga_event WHERE saga_id IN ({ids})",
+                    *(row["saga_id"] for row in rows),
+                )
+        for row in rows:
+            status = SagaStatus(row["status"])
+            counts[status] = counts.get(status, 0) + 1
+        if left is not None:
+            left -= len(rows)
+        if len(rows) < size or left == 0:
+            break
+    return Pruned(cutoff=_when(cutoff), sagas=counts, events=deleted_events)

@@ -35,7 +35,8 @@ import random
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -53,16 +54,24 @@ from wirework.saga.errors import (
     SagaLeaseLostError,
 )
 from wirework.saga.failures import StepOutputError, describe, is_retryable, outcome_unknown, settled
-from wirework.saga.journal import SagaHistory, SagaRecord
+from wirework.saga.journal import Pruned, SagaHistory, SagaRecord
+from wirework.saga.leases import Leases
+from wirework.saga.lineage import Lineage, StepTracing
 from wirework.saga.state import Event, Kind, SagaStatus, StepState, fold, next_move
 from wirework.store.base import Store
 from wirework.store.outbox import Relay
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
 
 log = logging.getLogger("wirework.saga")
 
 In = TypeVar("In", bound=BaseModel)
 T = TypeVar("T")
 
+
+#: Seconds between two prunings of ended sagas, with ``retention=``.
+PRUNE_INTERVAL = 3600.0
 
 _STEP_KINDS = frozenset({Kind.STEP_STARTED, Kind.STEP_COMPLETED, Kind.STEP_FAILED})
 _PUBLISHED = {
@@ -89,10 +98,17 @@ class Orchestrator:
         max_sagas: sagas driven at once by this orchestrator.
         owner: this orchestrator's name in the lease (default: pid + random).
         rng: the backoff jitter's random source (seed it in tests).
+        provider: the tracer provider of the step spans
+            (``configure_tracing(...).provider``); None: OpenTelemetry's global
+            one, once something imported OpenTelemetry (no spans without it).
+        retention: prune sagas that ended this long ago while ``run`` runs
+            (at its start, then every ``PRUNE_INTERVAL``); never
+            ``compensation_failed`` ones. None (the default): keep every saga.
 
     Raises:
         SagaDefinitionError: two sagas of one name, or a saga without steps.
-        ConfigurationError: a lease that is not longer than the poll interval.
+        ConfigurationError: a lease that is not longer than the poll interval,
+            a negative retention.
     """
 
     def __init__(
@@ -108,6 +124,8 @@ class Orchestrator:
         max_sagas: int = 100,
         owner: str | None = None,
         rng: random.Random | None = None,
+        provider: TracerProvider | None = None,
+        retention: timedelta | None = None,
     ) -> None:
         if not 0 < poll_interval < lease_timeout:
             raise ConfigurationError(
@@ -116,6 +134,8 @@ class Orchestrator:
             )
         if max_sagas < 1:
             raise ConfigurationError(f"Orchestrator max_sagas must be at least 1, got {max_sagas}")
+        if retention is not None and retention < timedelta(0):
+            raise ConfigurationError(f"Orchestrator retention must not be negative: {retention}")
         self.store = store
         self._sagas: dict[str, Saga[Any]] = {}
         for saga in sagas:
@@ -135,11 +155,10 @@ class Orchestrator:
         self.max_sagas = max_sagas
         self.owner = owner or f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self.rng = rng or random.Random()
+        self.retention = retention
+        self._tracing = StepTracing(provider)
         self._driving: dict[str, asyncio.Task[None]] = {}
-        self._held: dict[str, float] = {}
-        """Loop time at which the last write that extended each held saga's lease began."""
-        self._fences: dict[str, asyncio.Future[None]] = {}
-        """The driving task of each held saga, cancelled when its lease is lost."""
+        self._leases = Leases(store, self.owner, lease_timeout)
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
 
@@ -165,12 +184,23 @@ class Orchestrator:
     # -- starting and reading ---------------------------------------------------------
 
     async def start(
-        self, saga: Saga[In] | str, input: In | Mapping[str, Any], *, saga_id: str | None = None
+        self,
+        saga: Saga[In] | str,
+        input: In | Mapping[str, Any],
+        *,
+        saga_id: str | None = None,
+        correlation_id: str | None = None,
     ) -> str:
         """Record a new saga instance and return its id; ``run`` drives it.
 
         Starting again with the same ``saga_id`` records nothing and returns
         the id, so a caller may retry a start whose outcome it did not see.
+
+        The saga keeps its lineage (``wirework.saga.lineage``): the current
+        span's trace context, the parent of every step's span; and the
+        correlation id every message its steps publish carries:
+        ``correlation_id``, by default the handled message's when called from a
+        handler (none: the saga id).
 
         Raises:
             SagaDefinitionError: a saga this orchestrator does not drive.
@@ -199,6 +229,9 @@ class Orchestrator:
                 definition.name,
                 model.model_dump(mode="json"),
                 publish=self.publishes,
+                lineage=Lineage.here(
+                    correlation_id=correlation_id, trace=self._tracing.current()
+                ).data(),
             )
         )
         self._reached(Kind.SAGA_STARTED)
@@ -233,6 +266,24 @@ class Orchestrator:
         self._wake.set()
         return record
 
+    async def prune(
+        self, older_than: timedelta, *, include_failed: bool = False, dry_run: bool = False
+    ) -> Pruned:
+        """Delete the record and history of sagas that ended more than ``older_than`` ago.
+
+        ``completed`` and ``compensated`` sagas only, and ``compensation_failed``
+        ones with ``include_failed`` (they wait for an operator); never a saga in
+        flight. ``dry_run`` counts and deletes nothing (``journal.prune``).
+
+        Raises:
+            ConfigurationError: a negative ``older_than``.
+        """
+        return await settled(
+            journal.prune(
+                self.store, older_than=older_than, include_failed=include_failed, dry_run=dry_run
+            )
+        )
+
     async def result(self, saga_id: str, *, timeout: float, poll: float = 0.05) -> SagaRecord:
         """Wait until the saga is terminal and return it.
 
@@ -257,9 +308,11 @@ class Orchestrator:
         self._stopping.clear()
         relaying = asyncio.ensure_future(self._relay.run()) if self._relay else None
         keeping = [
-            asyncio.ensure_future(self._renew_leases()),
-            asyncio.ensure_future(self._fence()),
+            asyncio.ensure_future(self._leases.renew()),
+            asyncio.ensure_future(self._leases.fence()),
         ]
+        if self.retention is not None:
+            keeping.append(asyncio.ensure_future(self._prune(self.retention)))
         try:
             while not self._stopping.is_set():
                 self._wake.clear()
@@ -278,6 +331,23 @@ class Orchestrator:
             if self._relay is not None and relaying is not None:
                 await self._relay.stop()
                 await asyncio.gather(relaying, return_exceptions=True)
+
+    async def _prune(self, retention: timedelta) -> None:
+        """Prune ended sagas past ``retention`` now and every ``PRUNE_INTERVAL``, a batch per
+        transaction (so ``stop`` never waits for a long backlog)."""
+        while True:
+            try:
+                while True:
+                    pruned = await settled(
+                        journal.prune(self.store, older_than=retention, limit=journal.PRUNE_BATCH)
+                    )
+                    if pruned.total:
+                        log.info("pruned %d ended sagas older than %s", pruned.total, retention)
+                    if pruned.total < journal.PRUNE_BATCH:
+                        break
+            except WireworkError as exc:
+                log.warning("saga orchestrator %s could not prune sagas: %s", self.owner, exc)
+            await self.clock.sleep(PRUNE_INTERVAL)
 
     async def _claim(self) -> None:
         free = self.max_sagas - len(self._driving)
@@ -303,9 +373,8 @@ class Orchestrator:
 
     async def _hold(self, saga_id: str, asked: float) -> None:
         """Drive one claimed saga while its lease is kept; never raises but cancellation."""
-        self._held[saga_id] = asked
         driving = asyncio.ensure_future(self._drive(saga_id))
-        self._fences[saga_id] = driving
+        self._leases.hold(saga_id, asked, driving)
         stopped = False
         try:
             await driving
@@ -332,69 +401,12 @@ class Orchestrator:
         finally:
             driving.cancel()
             await asyncio.gather(driving, return_exceptions=True)
-            self._fences.pop(saga_id, None)
-            held = self._held.pop(saga_id, None) is not None
+            held = self._leases.drop(saga_id)
             if stopped and held:
                 # Stopping: hand the saga over at once rather than after the lease.
                 with contextlib.suppress(WireworkError):
                     await settled(journal.release(self.store, saga_id, self.owner))
             self._driving.pop(saga_id, None)
-
-    async def _renew_leases(self) -> None:
-        """Renew, in one transaction, the leases no transition extended for a third of them."""
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(self.lease_timeout / 6)
-            asked = loop.time()
-            stale = sorted(
-                saga_id
-                for saga_id, confirmed in self._held.items()
-                if asked - confirmed >= self.lease_timeout / 3
-            )
-            if not stale:
-                continue
-            try:
-                held = await settled(
-                    journal.renew(self.store, stale, self.owner, lease_timeout=self.lease_timeout)
-                )
-            except WireworkError as exc:
-                log.warning("saga orchestrator %s could not renew leases: %s", self.owner, exc)
-                continue
-            for saga_id in stale:
-                if saga_id in held:
-                    self._confirm(saga_id, asked)
-                elif saga_id in self._held:
-                    self._lose(saga_id)
-
-    async def _fence(self) -> None:
-        """Stop driving a saga a sixth of its lease before the lease could run out.
-
-        Every write that extends a lease (the claim, each transition, a
-        renewal) began no earlier than the loop time kept in ``_held``, and the
-        lease it wrote ends ``lease_timeout`` after the store's time during it,
-        so ``_held[saga_id] + lease_timeout`` is a safe local bound. A driver
-        whose renewals do not get through in time (a slow store, a paused loop)
-        stops its own steps, so an orchestrator that takes the saga over never
-        overlaps with it.
-        """
-        loop = asyncio.get_running_loop()
-        margin = self.lease_timeout / 6
-        while True:
-            await asyncio.sleep(margin / 2)
-            now = loop.time()
-            for saga_id, confirmed in list(self._held.items()):
-                if now >= confirmed + self.lease_timeout - margin:
-                    self._lose(saga_id)
-
-    def _lose(self, saga_id: str) -> None:
-        self._held.pop(saga_id, None)
-        driving = self._fences.get(saga_id)
-        if driving is not None:
-            driving.cancel()
-
-    def _confirm(self, saga_id: str, asked: float) -> None:
-        if saga_id in self._held:
-            self._held[saga_id] = max(self._held[saga_id], asked)
 
     async def _drive(self, saga_id: str) -> None:
         """Load the history once, then take moves until the saga ends, recording each."""
@@ -404,6 +416,7 @@ class Orchestrator:
             saga=saga,
             record=history.saga,
             events=[event.state_event() for event in history.events],
+            lineage=Lineage.of(history.started),
         )
         while True:
             steps = fold(run.events)
@@ -451,7 +464,7 @@ class Orchestrator:
                 publish=(publish, run.saga.name) if publish and self.publishes else None,
             )
         )
-        self._confirm(saga_id, asked)
+        self._leases.confirm(saga_id, asked)
         run.events.append(Event(kind=kind, step=step, attempt=attempt, data=dict(data or {})))
         update: dict[str, Any] = {"status": status}
         if error is not None:
@@ -543,6 +556,7 @@ class Orchestrator:
             )
             data = {"error_type": "wirework.saga.OutcomeUnknown", "error": error, "unknown": True}
             await self._step_failed(run, step, attempts, error, final=final, data=data)
+            self._tracing.lost(run, step.name, attempts, reason=error)
             if final:
                 abort.set()
                 return
@@ -552,13 +566,21 @@ class Orchestrator:
                 run, Kind.STEP_STARTED, SagaStatus.RUNNING, step=step.name, attempt=attempts
             )
             context = self._context(run, steps, step, attempts)
-            try:
-                output = await self._attempt(step, context)
-            except Exception as exc:
+            output: Any = None
+            failure: Exception | None = None
+            with self._tracing.attempt(context, run.lineage) as span:
+                try:
+                    output = await self._attempt(step, context)
+                except Exception as exc:
+                    failure = exc
+                    final = not is_retryable(exc) or attempts >= limit or abort.is_set()
+                    span.failed(exc, final=final)
+                else:
+                    span.succeeded()
+            if failure is not None:
                 # An output of the wrong type comes from an action that did run.
-                unknown = outcome_unknown(exc) or isinstance(exc, StepOutputError)
-                final = not is_retryable(exc) or attempts >= limit or abort.is_set()
-                described = describe(exc)
+                unknown = outcome_unknown(failure) or isinstance(failure, StepOutputError)
+                described = describe(failure)
                 await self._step_failed(
                     run,
                     step,
@@ -663,6 +685,7 @@ class Orchestrator:
             await self._compensation_failed(
                 run, step, attempts, error, final=final, data={"unknown": True}
             )
+            self._tracing.lost(run, step.name, attempts, reason=error, compensating=True)
             if final:
                 return
         output = step.load_output(state.output) if state.completed else None
@@ -683,11 +706,18 @@ class Orchestrator:
             async def undo(context: StepContext[Any] = context) -> None:
                 await compensate(context, output)
 
-            try:
-                await run_within(deadline, undo)
-            except Exception as exc:
-                final = isinstance(exc, PermanentError) or attempts >= limit
-                described = describe(exc)
+            failure: Exception | None = None
+            with self._tracing.attempt(context, run.lineage) as span:
+                try:
+                    await run_within(deadline, undo)
+                except Exception as exc:
+                    failure = exc
+                    final = isinstance(exc, PermanentError) or attempts >= limit
+                    span.failed(exc, final=final)
+                else:
+                    span.succeeded()
+            if failure is not None:
+                described = describe(failure)
                 await self._compensation_failed(
                     run, step, attempts, described["error"], final=final, data=described
                 )
@@ -751,3 +781,5 @@ class _Run:
     saga: Saga[Any]
     record: SagaRecord
     events: builtins.list[Event]
+    lineage: Lineage
+    """The saga's correlation, cause and trace context, recorded when it started."""
