@@ -76,16 +76,22 @@ def responder(broker: Broker, *, concurrency: int = 32) -> Service:
     return svc
 
 
+@pytest.mark.timeout(200)
 async def test_thousands_of_concurrent_requests_each_get_their_own_reply(
     target: ConformanceTarget,
 ) -> None:
-    """5,000 requests in flight on one instance: every one resolves to the reply for it."""
+    """5,000 requests in flight on one instance: every one resolves to the reply for it.
+
+    The deadline is generous on purpose: this checks that each request gets its own
+    reply, not how fast (``bench`` measures that); a loaded 2-core machine moves
+    only about 100 RabbitMQ request-replies a second with confirms.
+    """
     broker = await target.open()
     caller = Service("caller", broker=broker)
     async with responder(broker), caller:
         replies = await asyncio.gather(
             *(
-                caller.request("ask", Ask(n=n), returns=Answer, timeout=60)
+                caller.request("ask", Ask(n=n), returns=Answer, timeout=150)
                 for n in range(CONCURRENT)
             )
         )

@@ -18,7 +18,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Literal
 
@@ -228,3 +228,57 @@ async def test_wait_aof_needs_redis_7_2(namespace: str) -> None:
         assert not [row for row in await strict.stats() if row.topic == TOPIC]
     finally:
         await strict.aclose()
+
+
+def _stalled(seconds: float, turns: int) -> Callable[[], Awaitable[None]]:
+    """A task that blocks the event loop for ``seconds`` in each of its next ``turns`` turns,
+    as a burst's own CPU work does on a loaded machine (the fault: a starved event loop)."""
+
+    async def stall() -> None:
+        for _ in range(turns):
+            time.sleep(seconds)  # noqa: ASYNC251 - blocking the loop is the fault injected
+            await asyncio.sleep(0)
+
+    return stall
+
+
+async def _burst(broker: RedisBroker, count: int, stall: Callable[[], Awaitable[None]]) -> None:
+    """``count`` publishes and the stall, all started in the same turn of the event loop."""
+    publishes = (
+        broker.publish(TOPIC, WireMessage(headers={"ce-id": f"m{n}"}, body=b"{}"))
+        for n in range(count)
+    )
+    await asyncio.gather(*publishes, stall())
+
+
+async def test_a_burst_starting_in_one_loop_turn_does_not_time_out_its_first_connect(
+    namespace: str,
+) -> None:
+    """A fresh broker's first 200 publishes and a 0.5 s stall share one turn of the loop: the
+    connect must not start in that turn, where its 0.1 s connect_timeout would run out before
+    the loop comes back to it (the CI failure: 'Timeout connecting to server')."""
+    fresh = RedisBroker(
+        SHARED_URL, settings=RedisSettings(namespace=namespace, connect_timeout=0.1)
+    )
+    try:
+        await _burst(fresh, 200, _stalled(0.5, turns=1))
+        rows = [row for row in await fresh.stats() if row.topic == TOPIC]
+        assert [row.ready for row in rows] == [200]
+    finally:
+        await fresh.aclose()
+
+
+async def test_a_connect_timed_out_by_a_stalled_loop_waits_for_an_open_connection(
+    namespace: str,
+) -> None:
+    """With one connection open, a burst needs more while the loop stalls 0.3 s in each of its
+    next 5 turns (0.1 s connect_timeout): every new connect times out, yet Redis answers on the
+    open one, so the publishes queue for it instead of failing as if Redis were unreachable."""
+    warm = RedisBroker(SHARED_URL, settings=RedisSettings(namespace=namespace, connect_timeout=0.1))
+    try:
+        await warm.publish(TOPIC, WireMessage(headers={"ce-id": "first"}, body=b"{}"))
+        await _burst(warm, 100, _stalled(0.3, turns=5))
+        rows = [row for row in await warm.stats() if row.topic == TOPIC]
+        assert [row.ready for row in rows] == [101]
+    finally:
+        await warm.aclose()

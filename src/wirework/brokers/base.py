@@ -29,11 +29,12 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from datetime import datetime
 from enum import StrEnum
 from types import TracebackType
 from typing import Literal, Protocol, Self, runtime_checkable
+from urllib.parse import unquote
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -241,6 +242,9 @@ class Broker(ABC):
             PublishOutcomeUnknownError: sent, but the connection broke before the
                 broker answered; it may have been stored (publish the same
                 CloudEvent again and let consumers deduplicate).
+            DeadlineExceededError: the message's own deadline (a request's) passed
+                while it waited its turn in the client (Redis, RabbitMQ); nothing was
+                sent.
             ConfigurationError: the topic name is invalid.
         """
 
@@ -429,3 +433,22 @@ class DirectReplies(Protocol):
     def direct_replies(self) -> ReplyPath:
         """This broker's reply path (one object per broker, made on first use)."""
         ...
+
+
+#: Where a request carries its deadline: the CloudEvents ``deadline`` extension, in binary mode.
+DEADLINE_HEADER = "ce-deadline"
+
+
+def seconds_left(headers: Mapping[str, str], now: datetime) -> float | None:
+    """Seconds until the message's own deadline (negative once passed), or None if it has
+    none that can be read: a request's deadline bounds how long its publish waits its turn."""
+    raw = headers.get(DEADLINE_HEADER)
+    if raw is None:
+        return None
+    try:
+        deadline = datetime.fromisoformat(unquote(raw))
+    except ValueError:
+        return None
+    if deadline.tzinfo is None:
+        return None  # not ours (wirework writes UTC offsets): ignored, as a malformed one is
+    return (deadline - now).total_seconds()

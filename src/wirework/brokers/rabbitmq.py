@@ -17,7 +17,12 @@ return, or a connection lost before anything was written raise
 raises ``PublishOutcomeUnknownError`` (it may be stored). With
 ``on_disconnect="wait"`` a publish waits for the next connection and is sent
 again, so it ends in success (stored once, or twice with the same id) or, after
-``publish_timeout``, in one of those errors. Delay queues dead-letter with the
+``publish_timeout``, in one of those errors. At most ``publish_window``
+publishes are sent and unconfirmed at once; the others wait their turn before
+anything is sent, with ``publish_timeout`` paused (a burst of thousands is not
+reported outcome-unknown for the queue in front of it), and a message with its
+own deadline (a request) waits at most until that deadline, then raises
+``DeadlineExceededError``: nothing was sent. Delay queues dead-letter with the
 ``at-least-once`` strategy and ``reject-publish`` overflow, as RabbitMQ requires
 for safe dead-lettering. Classic queues (``queue_type="classic"``) are an
 option with weaker promises: no replication, at-most-once dead-lettering out of
@@ -82,6 +87,7 @@ from wirework.brokers.base import (
     Inspectable,
     Subscription,
     check_name,
+    seconds_left,
 )
 from wirework.clock import SYSTEM_CLOCK, Clock
 from wirework.envelope import WireMessage
@@ -89,6 +95,7 @@ from wirework.errors import (
     BrokerClosedError,
     BrokerUnavailableError,
     ConfigurationError,
+    DeadlineExceededError,
     PublishOutcomeUnknownError,
 )
 
@@ -146,7 +153,11 @@ class RabbitSettings(BaseSettings):
     partitions: int = Field(default=4, ge=1, le=64)
     """Keyed queues per group; every client of a namespace must use the same number."""
     publish_timeout: float = Field(default=10.0, gt=0)
-    """Longest a publish (waiting for a connection and the confirm) takes before it fails."""
+    """Longest a publish (waiting for a connection and the confirm) takes before it fails;
+    the time it waits for its turn in ``publish_window`` does not count."""
+    publish_window: int = Field(default=128, ge=1, le=65_535)
+    """Publishes sent and not yet confirmed at once, per broker; the others wait their turn
+    before they are sent (a request at most until its own deadline)."""
     on_disconnect: Literal["fail", "wait"] = "fail"
     """During an outage: fail a publish at once, or wait for the connection (publish_timeout)."""
     connect_timeout: float = Field(default=5.0, gt=0)
@@ -243,12 +254,15 @@ class RabbitBroker(Broker, DeadLetterStore, Inspectable, GroupAdmin):
         routing_key = partition_kind(key, self.settings.partitions)
         wait = self.settings.on_disconnect == "wait"
         mode = Mode(wait, self.settings.publish_timeout)
-        progress = Progress()
+        progress = Progress(until=lambda: self._until(message))
         try:
-            async with asyncio.timeout(self.settings.publish_timeout):
+            async with asyncio.timeout(self.settings.publish_timeout) as budget:
+                progress.budget = budget
                 await self._publish(
                     topic, routing_key, bucket, message.body, headers, mode, progress
                 )
+        except DeadlineExceededError:  # also a TimeoutError: its own deadline, not ours
+            raise
         except TimeoutError:
             if progress.sent:
                 raise _unknown(topic, "no confirm within publish_timeout") from None
@@ -264,6 +278,11 @@ class RabbitBroker(Broker, DeadLetterStore, Inspectable, GroupAdmin):
             raise BrokerUnavailableError(
                 f"publish to {topic!r}: {exc}; nothing was stored, retry later"
             ) from exc
+
+    def _until(self, message: WireMessage) -> float | None:
+        """The message's own deadline in loop time (a request's), or None."""
+        left = seconds_left(message.headers, self.clock.now())
+        return None if left is None else asyncio.get_running_loop().time() + left
 
     async def _publish(
         self,

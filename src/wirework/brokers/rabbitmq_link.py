@@ -4,7 +4,9 @@ One AMQP connection per broker object carries everything: a confirming
 channel for publishes, a plain one for declarations, one per subscription
 (so that leaving a subscription hands its messages back by closing just that
 channel), and short-lived ones for reads that may fail with 404 and take
-their channel down.
+their channel down. The confirming channel has a ``Window``: at most
+``publish_window`` publishes sent and not yet confirmed, the rest waiting
+their turn before they are sent.
 
 A supervisor task keeps the connection open while the broker is: after a
 loss it reconnects with exponential backoff and jitter, and tells every
@@ -27,7 +29,12 @@ from aiormq import exceptions as amqp
 from aiormq.abc import AbstractChannel, AbstractConnection
 from yarl import URL
 
-from wirework.errors import BrokerClosedError, BrokerUnavailableError, ConfigurationError
+from wirework.errors import (
+    BrokerClosedError,
+    BrokerUnavailableError,
+    ConfigurationError,
+    DeadlineExceededError,
+)
 
 if TYPE_CHECKING:
     from wirework.brokers.rabbitmq import RabbitSettings
@@ -95,6 +102,69 @@ def amqp_errors(what: str, url: str) -> Iterator[None]:
         ) from exc
 
 
+class Window:
+    """At most ``size`` publishes sent and not yet confirmed; the others wait their turn
+    before anything of them is written.
+
+    Without it, a burst of thousands of publishes is written at once (one frame
+    at a time, under aiormq's channel lock) and its confirms come back together,
+    with every publish's ``publish_timeout`` already running: a message RabbitMQ
+    did store is reported outcome-unknown only because of the queue in front of
+    it. With it, that queue is here, before the send: a publish waiting its turn
+    has written nothing, its own timeout is paused, and the confirm deadline
+    starts when it is sent.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._slots = asyncio.Semaphore(size)
+
+    @contextlib.asynccontextmanager
+    async def turn(
+        self,
+        budget: asyncio.Timeout | None = None,
+        until: Callable[[], float | None] | None = None,
+    ) -> AsyncIterator[None]:
+        """Hold one place in the window for the block (the send and its confirm).
+
+        Args:
+            budget: the publish's own timeout, paused while it waits for its turn.
+            until: the latest moment (loop time) to wait for the turn: the message's own
+                deadline, read only if there is a wait; None waits as long as it takes
+                (every place is given back within ``publish_timeout`` of its send).
+
+        Raises:
+            DeadlineExceededError: ``until`` passed first; nothing was sent.
+        """
+        if self._slots.locked():
+            await self._wait(budget, until() if until is not None else None)
+        else:
+            await self._slots.acquire()  # free: no suspension, nothing to pause
+        try:
+            yield
+        finally:
+            self._slots.release()
+
+    async def _wait(self, budget: asyncio.Timeout | None, until: float | None) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        paused = budget.when() if budget is not None else None
+        if budget is not None:
+            budget.reschedule(None)
+        try:
+            async with asyncio.timeout_at(until):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise DeadlineExceededError(
+                f"the message's deadline passed while it waited its turn behind "
+                f"{self.size} publishes awaiting RabbitMQ's confirms (publish_window); "
+                f"nothing was sent"
+            ) from None
+        finally:
+            if budget is not None and paused is not None:
+                budget.reschedule(paused + (loop.time() - started))
+
+
 class Link:
     """One AMQP connection kept open by a supervisor task, and its shared channels.
 
@@ -123,6 +193,8 @@ class Link:
         self._listeners: set[Callable[[], None]] = set()
         self._shared: dict[bool, AbstractChannel] = {}
         self._opening: dict[bool, asyncio.Task[None]] = {}
+        self.window = Window(settings.publish_window)
+        """The unconfirmed publishes in flight on the confirming channel (``Topology.send``)."""
         self.closed = False
 
     def listen(self, callback: Callable[[], None]) -> Callable[[], None]:

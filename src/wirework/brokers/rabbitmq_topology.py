@@ -79,6 +79,10 @@ class Progress:
     unknown); shared across the retries of one publish."""
 
     sent: bool = False
+    budget: asyncio.Timeout | None = None
+    """The publish's ``publish_timeout``, paused while it waits its turn in the window."""
+    until: Callable[[], float | None] | None = None
+    """The message's own deadline (loop time), the longest it waits for its turn."""
 
 
 @dataclass(frozen=True)
@@ -530,27 +534,56 @@ class Topology:
         mode: Mode,
         progress: Progress | None = None,
     ) -> None:
-        """Publish persistently and wait for the broker's confirm.
+        """Publish persistently, once its turn comes in the link's window, and wait for the
+        broker's confirm.
 
         Raises:
             BrokerUnavailableError: definitely not stored (no connection, or nacked).
+            DeadlineExceededError: ``progress.until`` passed while it waited its turn; not sent.
             MissingError: the exchange or queue is gone, or nothing took the message.
-            PublishOutcomeUnknownError: sent, but the connection failed before the confirm.
+            PublishOutcomeUnknownError: sent, but the connection failed before the confirm
+                (or, for a send without ``progress.budget``, no confirm within
+                ``publish_timeout`` of the send).
         """
-        channel = await self._link.channel(confirms=True, wait=mode.wait, timeout=mode.timeout)
+        link = self._link
+        channel = await link.channel(confirms=True, wait=mode.wait, timeout=mode.timeout)
         properties = Basic.Properties(delivery_mode=2, headers=dict(headers))
-        if progress is not None:
-            progress.sent = True
+        budget = progress.budget if progress is not None else None
+        until = progress.until if progress is not None else None
+        async with link.window.turn(budget, until):
+            if channel.is_closed:  # gone while this waited its turn
+                channel = await link.channel(confirms=True, wait=mode.wait, timeout=mode.timeout)
+            if progress is not None:
+                progress.sent = True
+            # Without a publish's own budget (copies, dead letters, the catalog) the place in
+            # the window is still given back within publish_timeout, so the window moves.
+            limit = None if budget is not None else self._settings.publish_timeout
+            await self._confirmed(channel, exchange, routing_key, body, properties, limit)
+
+    async def _confirmed(
+        self,
+        channel: AbstractChannel,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        properties: Basic.Properties,
+        limit: float | None,
+    ) -> None:
         try:
-            confirm = await channel.basic_publish(
-                body,
-                exchange=exchange,
-                routing_key=routing_key,
-                properties=properties,
-                mandatory=True,
-            )
+            async with asyncio.timeout(limit):
+                confirm = await channel.basic_publish(
+                    body,
+                    exchange=exchange,
+                    routing_key=routing_key,
+                    properties=properties,
+                    mandatory=True,
+                )
         except amqp.ChannelInvalidStateError as exc:  # closed before anything was written
             raise BrokerUnavailableError(f"RabbitMQ connection lost: {exc}") from exc
+        except TimeoutError as exc:
+            raise PublishOutcomeUnknownError(
+                f"RabbitMQ did not confirm within publish_timeout ({limit}s) of the send"
+            ) from exc
         except amqp.PublishError as exc:
             raise MissingError(
                 f"nothing took the message sent to {exchange!r}", maybe_stored=False

@@ -36,7 +36,7 @@ import contextlib
 import re
 import uuid
 from collections import deque
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any
 
 import orjson
@@ -54,6 +54,7 @@ from wirework.brokers.base import (
     Inspectable,
     Subscription,
     check_name,
+    seconds_left,
 )
 from wirework.brokers.redis_link import (
     Backoff,
@@ -64,7 +65,13 @@ from wirework.brokers.redis_link import (
     where,
 )
 from wirework.brokers.redis_model import RedisSettings as RedisSettings
-from wirework.brokers.redis_model import dead_letter_of, key_prefix, milliseconds, moment, text
+from wirework.brokers.redis_model import (
+    dead_letter_of,
+    key_prefix,
+    milliseconds,
+    moment,
+    text,
+)
 from wirework.brokers.redis_replies import RedisReplies
 from wirework.clock import SYSTEM_CLOCK, Clock, wait_first
 from wirework.envelope import WireMessage
@@ -213,6 +220,7 @@ class RedisBroker(Broker, DeadLetterStore, Inspectable, GroupAdmin):
         what: str,
         resend: bool = True,
         wait_aof: bool = False,
+        until: Callable[[], float | None] | None = None,
     ) -> Any:
         """A script under the settings' outage policy (``on_disconnect``, ``publish_timeout``)."""
         return await self._link.call(
@@ -223,6 +231,7 @@ class RedisBroker(Broker, DeadLetterStore, Inspectable, GroupAdmin):
             wait=self.settings.on_disconnect == "wait",
             timeout=self.settings.publish_timeout,
             wait_aof_ms=milliseconds(self.settings.wait_aof_timeout) if wait_aof else None,
+            until=until,
         )
 
     # -- publishing ----------------------------------------------------------------
@@ -240,7 +249,10 @@ class RedisBroker(Broker, DeadLetterStore, Inspectable, GroupAdmin):
         A publish that fails with ``BrokerUnavailableError`` was not stored, unless its
         message says the outcome is unknown: it was on the wire when the connection
         broke, and re-sending it under its dedup id did not succeed within
-        ``publish_timeout``.
+        ``publish_timeout``. The time it waits for a free connection (a burst of
+        publishes queues for ``max_connections``) does not count; a message with its
+        own deadline (a request) waits at most until then, and then raises
+        ``DeadlineExceededError``: nothing was sent.
         """
         self._check_open()
         check_name("topic", topic)
@@ -260,7 +272,11 @@ class RedisBroker(Broker, DeadLetterStore, Inspectable, GroupAdmin):
             self.settings.max_queue_length or 0,
         ]
         outcome = await self._call(
-            scripts.PUBLISH, args, what=f"publishing to {topic!r}", wait_aof=self.settings.wait_aof
+            scripts.PUBLISH,
+            args,
+            what=f"publishing to {topic!r}",
+            wait_aof=self.settings.wait_aof,
+            until=lambda: seconds_left(message.headers, self._clock.now()),
         )
         if outcome == scripts.FULL:
             raise QueueFullError(

@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -47,11 +47,11 @@ from redis.exceptions import (
 from wirework.brokers.redis_scripts import LIBRARY, Script
 from wirework.clock import Clock
 from wirework.errors import (
-    BrokerBusyError,
     BrokerClosedError,
     BrokerError,
     BrokerUnavailableError,
     ConfigurationError,
+    DeadlineExceededError,
     PublishOutcomeUnknownError,
     QueueFullError,
 )
@@ -193,7 +193,8 @@ class Link:
             ) from exc
         # redis-py's pool raises at once when it is exhausted; callers queue here instead.
         # Two connections stay free: the doorbell's and the prober's.
-        self._slots = asyncio.Semaphore(max(1, max_connections - 2))
+        self._slots_total = max(1, max_connections - 2)
+        self._slots = asyncio.Semaphore(self._slots_total)
         self.up = asyncio.Event()
         self.up.set()
         self.closed = False
@@ -202,6 +203,10 @@ class Link:
         # Connections between calls, each after whole replies: taken and given back without
         # the pool's lock and bookkeeping, which cost more than the call's own work.
         self._idle: list[Any] = []
+        self._open = 0
+        """Connections of ``_take``'s, idle or running a call."""
+        self._opening = asyncio.Lock()
+        self._changed = asyncio.Event()
         self._functions = True
         """False once the server turned out to have no Functions (or refuses them)."""
 
@@ -215,8 +220,15 @@ class Link:
         wait: bool,
         timeout: float,
         wait_aof_ms: int | None = None,
+        until: Callable[[], float | None] | None = None,
     ) -> Any:
         """Run ``script`` with ``args`` (ARGV[1] is the key prefix, also its one KEYS entry).
+
+        ``timeout`` does not count the time the call waits for its turn (a free
+        connection: every running call holds one), so a burst of thousands of
+        calls queues here instead of timing out for the queue in front of it.
+        That wait ends at ``until()`` (seconds from now: the message's own
+        deadline), if it gives one; every turn comes within one ``timeout``.
 
         With ``wait_aof_ms``, ``WAITAOF 1 0`` follows on the same connection (it
         waits for the writes of the connection it runs on), so the call returns
@@ -226,6 +238,7 @@ class Link:
             BrokerUnavailableError: the connection is down and (``wait=False``) nothing
                 was sent, or the deadline passed; the message says if the outcome is unknown.
             BrokerClosedError: the broker was closed meanwhile.
+            DeadlineExceededError: ``until`` passed while the call waited its turn; not sent.
         """
         deadline = self.clock.monotonic() + timeout
         sent = False
@@ -245,16 +258,9 @@ class Link:
                 await self.wait_up(remaining)
                 continue
             if self._slots.locked():  # only then is there something to wait for
-                try:
-                    async with asyncio.timeout(max(0.0, deadline - self.clock.monotonic())):
-                        await self._slots.acquire()
-                except TimeoutError:
-                    if sent:
-                        raise self._gave_up(what, sent) from None
-                    raise BrokerBusyError(
-                        f"all connections to Redis at {where(self.url)} stayed busy; {what} "
-                        f"was not sent: slow down, or raise max_connections"
-                    ) from None
+                started = self.clock.monotonic()
+                await self._turn(what, sent, until() if until is not None else None)
+                deadline += self.clock.monotonic() - started  # waiting its turn is not late
             else:
                 await self._slots.acquire()
             try:
@@ -278,6 +284,20 @@ class Link:
                     ) from exc.__cause__
             finally:
                 self._slots.release()
+
+    async def _turn(self, what: str, sent: bool, until: float | None) -> None:
+        """Wait for a free connection, at most ``until`` seconds when that is given."""
+        try:
+            async with asyncio.timeout(until):
+                await self._slots.acquire()
+        except TimeoutError:
+            if sent:  # a re-send after an outage: the first copy may be stored
+                raise self._gave_up(what, sent) from None
+            raise DeadlineExceededError(
+                f"the deadline of {what} passed while it waited for one of the "
+                f"{self._slots_total} connections to Redis at {where(self.url)} "
+                f"(max_connections); it was not sent"
+            ) from None
 
     async def _send(
         self,
@@ -323,7 +343,43 @@ class Link:
         The check is redis-py's own (pending data or end of file, seen by the event
         loop, no round trip), so a connection the server or a cut closed while idle is
         replaced before anything is sent on it: a failure then means "not sent".
+
+        New connections are opened one at a time, each from a fresh turn of the
+        event loop, and a failure to open one while others are open is congestion,
+        not an outage: under a burst the event loop can be too busy to finish a
+        healthy connect within ``connect_timeout``, so the call waits for one of the
+        open connections instead of failing (and declaring Redis unreachable for
+        every other call). With none open, the failure is an outage, as before.
         """
+        while True:
+            connection = await self._idle_connection()
+            if connection is not None:
+                return connection
+            changed = self._changed
+            async with self._opening:
+                connection = await self._idle_connection()  # given back meanwhile
+                if connection is not None:
+                    return connection
+                if not self.up.is_set():  # found down meanwhile: no connect attempt each
+                    raise BrokerUnavailableError(
+                        f"Redis at {where(self.url)} is unreachable (reconnecting)"
+                    )
+                # Connect from the next turn of the event loop: callers started together
+                # (asyncio.gather of thousands) run their first steps in one turn, and the
+                # connect_timeout of a connect begun in it would count all of their work.
+                await asyncio.sleep(0)
+                try:
+                    connection = await self.connection()
+                except (RedisError, OSError) as exc:
+                    if not self._open:
+                        raise
+                    log.debug("no new connection to %s (%r); waiting for one", where(self.url), exc)
+                else:
+                    self._open += 1
+                    return connection
+            await changed.wait()
+
+    async def _idle_connection(self) -> Any:
         while self._idle:
             connection = self._idle.pop()
             try:
@@ -332,16 +388,24 @@ class Link:
             except (RedisError, OSError):
                 pass
             await self._drop(connection)
-        return await self.connection()
+        return None
+
+    def _change(self) -> None:
+        """Wake the calls waiting for a connection: one was given back or closed."""
+        self._changed.set()
+        self._changed = asyncio.Event()
 
     async def _give_back(self, connection: Any, whole: bool) -> None:
         if whole and not self.closed:
             self._idle.append(connection)
+            self._change()
         else:
             await self._drop(connection)
 
     async def _drop(self, connection: Any) -> None:
         """Close a connection in an unknown state and return it to the pool (which reopens it)."""
+        self._open -= 1
+        self._change()
         with contextlib.suppress(Exception):
             await connection.disconnect(nowait=True)
         with contextlib.suppress(Exception):
