@@ -31,6 +31,7 @@ from wirework.brokers import connect
 from wirework.consumer import ConsumeApp, Incoming
 from wirework.service import Context, Service
 from wirework.tracing import Tracing, configure_tracing, instrument
+from wirework.tracing.setup import LEAN_SPANS_ENV, lean_spans_wanted
 
 #: Traced throughput must reach this share of the untraced (issue 8: <= 10 % cost).
 MIN_TRACED_RATIO = 0.9
@@ -214,6 +215,13 @@ def tracing_overhead(sizes: Sizes) -> list[Figure]:
     return figures
 
 
+def span_kind() -> str:
+    """Which spans the traced side makes: lean ones unless ``WIREWORK_LEAN_SPANS=0``."""
+    if not lean_spans_wanted():
+        return f"the OpenTelemetry SDK's ({LEAN_SPANS_ENV}=0)"
+    return f"lean (straight into span store rows; the SDK's with {LEAN_SPANS_ENV}=0)"
+
+
 def describe(sizes: Sizes) -> list[str]:
     orders = max(200, sizes.service_messages // 4)
     return [
@@ -221,6 +229,7 @@ def describe(sizes: Sizes) -> list[str]:
         f"`billing` (publishes a shipment) and `shipping`, then {max(100, sizes.requests):,} "
         f"requests to `inventory` ({REQUESTS_IN_FLIGHT} in flight); concurrency {CONCURRENCY}, "
         f"prefetch {PREFETCH}; traced: a provider per service, every span sampled, the span "
-        f"store exporter (SQLite) on its batching thread; untraced: the same services with no "
-        f"middleware; target: traced >= {MIN_TRACED_RATIO:g} x untraced (issue 8)",
+        f"store exporter (SQLite) on its batching thread, spans {span_kind()}; untraced: the "
+        f"same services with no middleware; target: traced >= {MIN_TRACED_RATIO:g} x untraced "
+        f"(issue 8)",
     ]

@@ -8,11 +8,14 @@ no test depends on another having run first.
 from __future__ import annotations
 
 import asyncio
+import importlib
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.helpers.services import require_service
 from wirework.brokers import connect
 from wirework.brokers.base import Broker
 from wirework.testing.conformance import wait_until
@@ -48,19 +51,40 @@ def tracing_for(store_path: Path) -> Iterator[TracingFactory]:
         tracing.shutdown()
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+#: The server brokers, each with the service ``require_service`` checks first.
+SERVERS = {
+    "redis": ("redis://127.0.0.1:6379/0", ("Redis", "127.0.0.1", 6379)),
+    "rabbitmq": ("amqp://guest:guest@127.0.0.1:5672/", ("RabbitMQ", "127.0.0.1", 5672)),
+    "nats": ("nats://127.0.0.1:4222", ("NATS", "127.0.0.1", 4222)),
+}
+
+
+@pytest.fixture(
+    params=["memory", "sqlite", *(pytest.param(name, marks=pytest.mark.ext) for name in SERVERS)]
+)
 async def broker_for(
     request: pytest.FixtureRequest, tmp_path: Path
 ) -> AsyncIterator[BrokerFactory]:
     """What each service of a flow gets: one shared in-memory broker, or the URL of one
-    SQLite file that each service opens for itself (as separate processes would)."""
+    broker that each service opens for itself (as separate processes would): a SQLite
+    file, or a server in a namespace of this test's, purged afterwards."""
     if request.param == "memory":
         shared = connect("memory://")
         yield lambda: shared
         await shared.aclose()
-    else:
+    elif request.param == "sqlite":
         url = f"sqlite:///{tmp_path}/broker.db?durability=fast"
         yield lambda: url
+    else:
+        server, service = SERVERS[request.param]
+        require_service(*service)
+        namespace = f"wwtest-{uuid.uuid4().hex[:12]}"
+        url = f"{server}?namespace={namespace}"
+        try:
+            yield lambda: url
+        finally:
+            module = importlib.import_module(f"wirework.brokers.{request.param}")
+            await module.purge_namespace(server, namespace)
 
 
 async def flushed_lookup(

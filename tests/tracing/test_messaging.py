@@ -205,6 +205,38 @@ async def test_a_valid_traceparent_from_outside_is_continued(
     assert span.parent_id == "00f067aa0ba902b7"
 
 
+async def test_dev22_a_hundred_messages_keep_the_trace_each_with_a_parent_of_its_own(
+    broker_for: BrokerFactory, tracing_for: TracingFactory, store_path: Path
+) -> None:
+    """DEV-22 across the broker: 100 messages published in one span keep its trace id in
+    every consumer span, and each hop gets a new parent id (100 distinct ones)."""
+    shop = Service("shop", broker=broker_for())
+    shipping = Service("shipping", broker=broker_for())
+    handled: list[str] = []
+
+    @shipping.subscribe("shipments", concurrency=8)
+    async def ship(event: Shipped) -> None:
+        handled.append(event.order_id)
+
+    tracings = [tracing_for("shop"), tracing_for("shipping")]
+    instrument(shop, provider=tracings[0].provider)
+    instrument(shipping, provider=tracings[1].provider)
+    tracer = tracings[0].provider.get_tracer("test")
+    async with shop, shipping:
+        with tracer.start_as_current_span("checkout") as root:
+            for n in range(100):
+                await shop.publish("shipments", Shipped(order_id=f"o-{n}"))
+        await wait_until(lambda: len(handled) == 100, what="100 messages handled")
+    trace_id = format(root.get_span_context().trace_id, "032x")
+    store = SpanStore(store_path, create=False)
+    spans = await flushed_trace(tracings, store, trace_id, spans=1 + 100 + 100)
+    consumed = [span for span in spans if span.kind == "CONSUMER"]
+    published = {span.span_id for span in spans if span.kind == "PRODUCER"}
+    assert len(consumed) == 100, "no consumer span left the trace"
+    assert len({span.parent_id for span in consumed}) == 100
+    assert {span.parent_id for span in consumed} == published
+
+
 async def test_a_retried_message_has_a_span_per_attempt_and_errors_are_marked(
     broker_for: BrokerFactory, tracing_for: TracingFactory, store_path: Path
 ) -> None:

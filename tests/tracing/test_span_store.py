@@ -108,6 +108,15 @@ def test_the_same_span_exported_twice_is_kept_once(tmp_path: Path) -> None:
     assert store.count() == 1
 
 
+def test_attributes_of_every_kind_come_back_as_json_gives_them(tmp_path: Path) -> None:
+    store = SpanStore(tmp_path / "spans.db")
+    attributes = {"text": "café ☕", "n": 3, "x": 1.5, "yes": True, "tags": ("a", "b")}
+    odd = {**attributes, "odd": Path("/x")}  # not an attribute type: kept as its str()
+    SpanStoreExporter(store).export([finished(1, 1, end_ns=time.time_ns(), attributes=odd)])
+    (record,) = store.spans(f"{1:032x}")
+    assert record.attributes == {**attributes, "tags": ["a", "b"], "odd": "/x"}
+
+
 def test_the_file_is_private_and_readers_need_it_to_exist(tmp_path: Path) -> None:
     path = tmp_path / "deep" / "spans.db"
     with pytest.raises(ConfigurationError, match="no span store"):

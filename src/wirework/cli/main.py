@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from wirework.cli.dlq import app as dlq_app
+from wirework.cli.flow import flow_command
 from wirework.cli.proto import proto_command
 from wirework.cli.run import run_command
 from wirework.cli.saga import app as saga_app
@@ -22,6 +23,7 @@ app.command("run")(run_command)
 app.command("topics")(topics)
 app.command("proto")(proto_command)
 app.command("trace")(trace_command)
+app.command("flow")(flow_command)
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(saga_app, name="saga")
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from opentelemetry.trace import TraceFlags
 
 from wirework.errors import ConfigurationError
 
@@ -103,15 +104,19 @@ class BatchProcessor(SpanProcessor):
         return None
 
     def on_end(self, span: ReadableSpan) -> None:
-        if span.context is None or not span.context.trace_flags.sampled:
+        # Runs for every span on the handler's thread: the flags by tuple index, one len().
+        context = span.context
+        if context is None or not context[3] & TraceFlags.SAMPLED:
             return
+        queue = self._queue
         with self._lock:
-            if self._closed or len(self._queue) >= self._max_queue:
+            waiting = len(queue)
+            if waiting >= self._max_queue or self._closed:
                 self.stats.dropped += 1
                 return
-            self._queue.append(span)
+            queue.append(span)
             self.stats.queued += 1
-            if len(self._queue) >= self._max_batch:
+            if waiting + 1 >= self._max_batch:
                 self._wake.notify()
 
     def force_flush(self, timeout_millis: int = 30_000) -> bool:

@@ -181,7 +181,10 @@ def remote_parent(traceparent: str, tracestate: Callable[[], Sequence[str]]) -> 
     parent = parse_traceparent(traceparent)
     if parent is None:
         return None
-    state = parse_tracestate(tracestate())
+    values = tracestate()
+    if not values:
+        return parent  # the usual case: nothing to parse
+    state = parse_tracestate(values)
     if state is None:
         return parent
     return SpanContext(

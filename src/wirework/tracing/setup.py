@@ -6,8 +6,15 @@ variables (``OTEL_EXPORTER_OTLP_ENDPOINT`` or ``..._TRACES_ENDPOINT``,
 ``OTEL_TRACES_EXPORTER``, ``OTEL_SERVICE_NAME``, ``OTEL_SDK_DISABLED``) they
 go over OTLP/HTTP to the user's collector instead, or to both when the span
 store is asked for as well (``WIREWORK_SPAN_STORE`` or ``exporters=``).
+``OTEL_TRACES_EXPORTER=zipkin`` sends them to Zipkin instead
+(``OTEL_EXPORTER_ZIPKIN_ENDPOINT``).
 Every exporter sits behind its own bounded ``BatchProcessor``: a slow
 collector drops and counts spans, it never slows a handler.
+
+While the span store is the only exporter, spans are ``LeanSpan``-s recorded
+straight into the store's rows (``lean.py`` says why: the SDK's span was most
+of tracing's cost); with any other exporter they are the SDK's.
+``WIREWORK_LEAN_SPANS=0`` makes them the SDK's always (the tests run both ways).
 
 The global provider of OpenTelemetry can be set once per process, so
 ``set_global=False`` builds a provider the caller passes around instead
@@ -35,6 +42,7 @@ from opentelemetry.sdk.trace.sampling import (
 )
 
 from wirework.errors import ConfigurationError
+from wirework.tracing.lean import LeanTracerProvider
 from wirework.tracing.processor import (
     DEFAULT_QUEUE_SIZE,
     DEFAULT_SCHEDULE_DELAY,
@@ -50,8 +58,9 @@ from wirework.tracing.span_store import (
     SpanStoreExporter,
 )
 
-EXPORTER_NAMES = ("store", "otlp", "console", "none")
+EXPORTER_NAMES = ("store", "otlp", "zipkin", "console", "none")
 SPAN_STORE_ENV = "WIREWORK_SPAN_STORE"
+LEAN_SPANS_ENV = "WIREWORK_LEAN_SPANS"
 
 
 @dataclass
@@ -101,7 +110,7 @@ def configure_tracing(
     """Build the tracer provider for ``service_name`` (``OTEL_SERVICE_NAME`` wins if set).
 
     Args:
-        exporters: any of ``store``, ``otlp``, ``console``, ``none``; None decides
+        exporters: any of ``store``, ``otlp``, ``zipkin``, ``console``, ``none``; None decides
             from the environment (see the module docstring).
         store: the span store's file (default ``WIREWORK_SPAN_STORE``, else
             ``.wirework/spans.db``).
@@ -130,7 +139,7 @@ def configure_tracing(
         )
     name = os.environ.get("OTEL_SERVICE_NAME") or service_name or "wirework"
     propagation = build_propagation(propagators)
-    provider = TracerProvider(
+    provider = LeanTracerProvider(
         sampler=_sampler(sample_ratio),
         resource=Resource.create({"service.name": name}),
         shutdown_on_exit=set_global,
@@ -139,6 +148,7 @@ def configure_tracing(
     if os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
         tracing.enabled = False
         return tracing
+    lean = lean_spans_wanted()
     try:
         for exporter_name in _exporter_names(exporters, explicit_store=store is not None):
             exporter = _exporter(exporter_name, tracing, store, max_spans, max_age)
@@ -147,7 +157,7 @@ def configure_tracing(
             processor = BatchProcessor(
                 exporter, max_queue_size=max_queue_size, schedule_delay=schedule_delay
             )
-            provider.add_span_processor(processor)
+            provider.add_span_processor(processor, lean=lean and exporter_name == "store")
             tracing.processors[exporter_name] = processor
     except BaseException:
         provider.shutdown()  # no exporting thread outlives a failed configuration
@@ -157,6 +167,11 @@ def configure_tracing(
         propagate.set_global_textmap(propagation)
         trace.set_tracer_provider(provider)
     return tracing
+
+
+def lean_spans_wanted() -> bool:
+    """False when ``WIREWORK_LEAN_SPANS`` is ``0``, ``false`` or ``no``: SDK spans always."""
+    return os.environ.get(LEAN_SPANS_ENV, "").strip().lower() not in ("0", "false", "no")
 
 
 def _sampler(ratio: float) -> Sampler:
@@ -217,6 +232,12 @@ def _exporter(
 
         # Endpoint, headers, timeout, compression and TLS come from OTEL_EXPORTER_OTLP_*.
         return OTLPSpanExporter()
+    if name == "zipkin":
+        # Zipkin's v2 JSON API; the endpoint comes from OTEL_EXPORTER_ZIPKIN_ENDPOINT
+        # (default http://localhost:9411/api/v2/spans), the timeout from ..._TIMEOUT.
+        from opentelemetry.exporter.zipkin.json import ZipkinExporter
+
+        return ZipkinExporter()
     if name == "console":
         return ConsoleSpanExporter()
     return None
