@@ -37,7 +37,7 @@ class StockReservation(BaseModel):
 
 
 class OrderPlaced(BaseModel):
-    """Event: an order was accepted; notifications and analytics each get a copy."""
+    """Event: orders took an order (written with it, through the outbox); fulfilment starts."""
 
     __event_type__: ClassVar[str] = "shop.order_placed"
     order_id: str
@@ -47,8 +47,20 @@ class OrderPlaced(BaseModel):
     total_cents: int
 
 
+class OrderConfirmed(BaseModel):
+    """Event: the fulfilment saga completed: stock held, customer charged, label queued."""
+
+    __event_type__: ClassVar[str] = "shop.order_confirmed"
+    order_id: str
+    customer: str
+    sku: str
+    quantity: int
+    total_cents: int
+    charge_id: str
+
+
 class OrderRejected(BaseModel):
-    """Event: an order could not be accepted."""
+    """Event: the fulfilment saga compensated; the order will not ship."""
 
     __event_type__: ClassVar[str] = "shop.order_rejected"
     order_id: str
@@ -64,7 +76,12 @@ class PrintLabel(BaseModel):
 
 
 class OrderAccepted(BaseModel):
-    """What ``POST /v1/orders`` answers: the order is queued; follow it by its correlation."""
+    """What ``POST /v1/orders`` answers: the order is taken; follow it by its correlation.
+
+    ``correlation_id`` is the id of the order's ``OrderPlaced`` event, which every
+    message of its flow carries (``wirework flow`` takes it); the fulfilment
+    saga's id is the order id (``wirework saga show``).
+    """
 
     order_id: str
     correlation_id: str
@@ -101,3 +118,22 @@ class ReleaseStock(BaseModel):
     order_id: str
     sku: str
     quantity: int
+
+
+class RefundRequest(BaseModel):
+    """Orders asks payments to give back the charge made under ``charge_key``, if any.
+
+    The charge's idempotency key names it even when the charge's answer was
+    lost (a timeout: the saga compensates a step whose outcome is unknown).
+    """
+
+    order_id: str
+    charge_key: str
+
+
+class Refund(BaseModel):
+    """Payments' answer: what was given back (nothing, if that key never charged)."""
+
+    order_id: str
+    charge_id: str | None
+    refunded: bool

@@ -17,7 +17,7 @@ def shipping_worker(name: str) -> Service:
     # prefetch=1: a worker holds only the label it prints, so an idle one takes the next.
     @worker.consume("shipping.labels", concurrency=1, prefetch=1)
     async def print_label(command: PrintLabel, ctx: Context) -> None:
-        await asyncio.sleep(0.03)  # a printer is slow, so the other worker takes the next
+        await asyncio.sleep(0.25)  # a printer is slow, so the other worker takes the next
         PRINTED.setdefault(name, []).append(command.order_id)
 
     return worker
