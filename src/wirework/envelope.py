@@ -30,6 +30,9 @@ M = TypeVar("M", bound=BaseModel)
 
 JSON_CONTENT_TYPE = "application/json"
 STRUCTURED_CONTENT_TYPE = "application/cloudevents+json"
+SAGA_EXTENSION = "sagaid"
+"""The extension in which a saga's events and its steps' messages carry the saga id
+(``wirework.saga`` writes it, ``wirework.tracing`` indexes it)."""
 
 #: CloudEvents context attributes and the wirework extensions, in header order.
 CORE_ATTRIBUTES = ("id", "source", "type", "specversion", "time", "subject", "dataschema")

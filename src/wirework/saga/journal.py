@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import orjson
 from pydantic import BaseModel
 
-from wirework.envelope import Envelope
+from wirework.envelope import SAGA_EXTENSION, Envelope
 from wirework.errors import ConfigurationError
 from wirework.saga.errors import SagaLeaseLostError, SagaNotFoundError, SagaStateError
 from wirework.saga.state import ACTIVE, Event, Kind, SagaStatus
@@ -39,8 +39,6 @@ from wirework.store.base import Row, Store, Transaction
 TOPIC = "wirework.sagas"
 #: The ``source`` of those events.
 SOURCE = "/wirework/saga"
-#: The CloudEvents extension carrying the saga id (``wirework.tracing`` reads it).
-SAGA_EXTENSION = "sagaid"
 
 _ACTIVE = tuple(status.value for status in ACTIVE)
 _COLUMNS = (

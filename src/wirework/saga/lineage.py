@@ -28,10 +28,10 @@ from pydantic import BaseModel
 
 from wirework.brokers.base import DeadLetterReason, Delivery, Failure
 from wirework.consumer import Incoming, Route, current_incoming
-from wirework.envelope import Envelope, encode_binary
+from wirework.envelope import SAGA_EXTENSION, Envelope, encode_binary
 from wirework.errors import AlreadySettledError
 from wirework.saga.definition import Saga, StepContext
-from wirework.saga.journal import SAGA_EXTENSION, TOPIC, SagaRecord
+from wirework.saga.journal import TOPIC, SagaRecord
 
 if TYPE_CHECKING:
     from opentelemetry.trace import TracerProvider

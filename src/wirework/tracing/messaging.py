@@ -29,7 +29,7 @@ from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, Trace
 
 from wirework.brokers.base import NAME_PATTERN
 from wirework.consumer import ConsumeApp, ConsumeMiddleware, Incoming
-from wirework.envelope import Envelope
+from wirework.envelope import SAGA_EXTENSION, Envelope
 from wirework.errors import ConfigurationError, Expired, Reject, Retry
 from wirework.tracing.lean import LeanTracer
 from wirework.tracing.propagation import (
@@ -65,8 +65,6 @@ HANDLER_ATTRIBUTE = "wirework.handler"
 """On a consume span: the handler function's qualified name."""
 DEAD_LETTERED_ATTRIBUTE = "wirework.dead_lettered"
 """On a failed consume span: True when the consumer dead-letters the message next."""
-SAGA_EXTENSION = "sagaid"
-"""The envelope extension a saga step's messages carry their saga id in."""
 
 # wirework.service.requests.ERROR_EVENT_TYPE, written out because the service layer
 # sits above tracing (a test keeps the two equal).
