@@ -7,7 +7,8 @@ and FastStream; ``--servers`` picks some), ``rpc`` (11: REST versus gRPC for one
 handler, beside FastAPI, plain Starlette and plain grpcio), ``saga`` (12: 3-step
 sagas per second on the SQLite store, and the per-step overhead over direct calls),
 ``safety`` (13: the inbox and the outbox against their unsafe counterparts),
-``tracing`` (14: a small flow and request-reply with tracing on and off).
+``tracing`` (14: a small flow and request-reply with tracing on and off; 15: the
+whole reference shop with tracing on and off).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from bench import (
     safety,
     saga,
     service_overhead,
+    shop_tracing,
     throughput,
     tracing,
 )
@@ -63,6 +65,7 @@ WORKLOADS: dict[str, tuple[str, Callable[[Sizes], list[Figure]]]] = {
     "12": ("sagas: 3-step sagas/s and the per-step overhead", saga.saga_throughput),
     "13": ("the price of safety: inbox and outbox", safety.price_of_safety),
     "14": ("tracing overhead: a small flow, tracing on and off", tracing.tracing_overhead),
+    "15": ("tracing overhead: the whole shop, tracing on and off", shop_tracing.shop_tracing),
 }
 
 #: Suites by name: their title in the output and their workloads.
@@ -73,7 +76,7 @@ SUITES: dict[str, tuple[str, list[str]]] = {
     "rpc": ("REST and gRPC", ["11"]),
     "saga": ("sagas", ["12"]),
     "safety": ("inbox and outbox", ["13"]),
-    "tracing": ("tracing", ["14"]),
+    "tracing": ("tracing", ["14", "15"]),
 }
 
 

@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from opentelemetry.trace import TracerProvider
 
 from examples.shop.analytics import analytics
 from examples.shop.fulfilment import fulfilment
@@ -58,10 +60,14 @@ class Shop:
     def orders_store(self) -> str:
         return f"sqlite:///{self.directory / 'orders.db'}"
 
+    def provider(self, label: str) -> TracerProvider | None:
+        """The tracer provider of ``label``'s service (None when the shop is not traced)."""
+        return _provider(self.tracings, label)
+
     def storefront(self) -> HttpClient:
         """A client of orders' REST API, traced as the ``storefront`` service."""
         return HttpClient(
-            orders, address=self.rest.url, tracer_provider=self.tracings["storefront"].provider
+            orders, address=self.rest.url, tracer_provider=self.provider("storefront")
         )
 
     async def start_printers(self) -> None:
@@ -75,6 +81,11 @@ class Shop:
             await asyncio.to_thread(tracing.force_flush, 10.0)
 
 
+def _provider(tracings: Mapping[str, Tracing], label: str) -> TracerProvider | None:
+    tracing = tracings.get(label)
+    return None if tracing is None else tracing.provider
+
+
 def _empty(directory: Path) -> None:
     """``directory`` without the stores and spans of an earlier run."""
     directory.mkdir(exist_ok=True)
@@ -84,8 +95,20 @@ def _empty(directory: Path) -> None:
 
 
 @contextlib.asynccontextmanager
-async def running_shop(url: str, directory: Path) -> AsyncIterator[Shop]:
-    """Start every service of the shop on ``url``, with fresh stores in ``directory``."""
+async def running_shop(
+    url: str,
+    directory: Path,
+    *,
+    traced: bool = True,
+    stock: Mapping[str, int] = STOCK,
+    store_options: str = "",
+) -> AsyncIterator[Shop]:
+    """Start every service of the shop on ``url``, with fresh stores in ``directory``.
+
+    ``traced=False`` leaves tracing out (``bench`` compares the two); ``stock`` is
+    the units on hand at opening; ``store_options`` ends the stores' URLs
+    (``?durability=fast``).
+    """
     _empty(directory)
     # memory:// lives in one process object, so every service shares it; any other
     # URL gives each service its own connection, as separate processes would have.
@@ -103,27 +126,29 @@ async def running_shop(url: str, directory: Path) -> AsyncIterator[Shop]:
     orders.use_publish(SagaLineage)  # a step's messages name their saga (sagaid)
     for label, service in services.items():
         service.use_broker(shared or url)
-        tracing = configure_tracing(
-            service.name, exporters=["store"], store=directory / "spans.db", set_global=False
+        if traced:
+            tracing = configure_tracing(
+                service.name, exporters=["store"], store=directory / "spans.db", set_global=False
+            )
+            instrument(service, provider=tracing.provider)
+            tracings[label] = tracing
+    if traced:
+        tracings["storefront"] = configure_tracing(
+            "storefront", exporters=["store"], store=directory / "spans.db", set_global=False
         )
-        instrument(service, provider=tracing.provider)
-        tracings[label] = tracing
-    tracings["storefront"] = configure_tracing(
-        "storefront", exporters=["store"], store=directory / "spans.db", set_global=False
-    )
-    orders.use_store(f"sqlite:///{directory / 'orders.db'}")
-    inventory.use_store(f"sqlite:///{directory / 'inventory.db'}")
+    orders.use_store(f"sqlite:///{directory / 'orders.db'}{store_options}")
+    inventory.use_store(f"sqlite:///{directory / 'inventory.db'}{store_options}")
     await orders.store.open()
     await create_tables(orders.store)
     await inventory.store.open()
-    await stock_up(inventory.store, STOCK)
+    await stock_up(inventory.store, stock)
     orchestrator = Orchestrator(
         orders.store,
         [fulfilment],
         broker=orders.broker,  # saga state changes go out on wirework.sagas, by orders' relay
         relay=False,
         poll_interval=0.2,
-        provider=tracings["orders"].provider,  # a span per step, in the order's trace
+        provider=tracings["orders"].provider if traced else None,  # a span per step
     )
     orders.provide(Orchestrator, lambda: orchestrator)
     shop = Shop(
@@ -131,18 +156,19 @@ async def running_shop(url: str, directory: Path) -> AsyncIterator[Shop]:
         directory=directory,
         services=services,
         orchestrator=orchestrator,
-        rest=HttpServer(http_app(orders, tracer_provider=tracings["orders"].provider)),
-        grpc_orders=GrpcServer(orders, tracer_provider=tracings["orders"].provider),
-        grpc_payments=GrpcServer(payments, tracer_provider=tracings["payments"].provider),
+        rest=HttpServer(http_app(orders, tracer_provider=_provider(tracings, "orders"))),
+        grpc_orders=GrpcServer(orders, tracer_provider=_provider(tracings, "orders")),
+        grpc_payments=GrpcServer(payments, tracer_provider=_provider(tracings, "payments")),
         tracings=tracings,
     )
+    provider = shop.provider("orders")
     driving: asyncio.Task[None] | None = None
     clients: list[Payments] = []
     try:
         await shop.grpc_payments.start()
         # Where orders finds payments (a file or this variable in a real deployment).
         os.environ["WIREWORK_REGISTRY"] = f"payments=grpc://127.0.0.1:{shop.grpc_payments.port}"
-        clients.append(Payments(tracer_provider=tracings["orders"].provider))
+        clients.append(Payments(tracer_provider=provider))
         orders.provide(Payments, lambda: clients[0])
         for label, service in services.items():
             if label.startswith(PRINTERS):

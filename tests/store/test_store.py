@@ -312,6 +312,18 @@ def test_store_urls_are_checked(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
     assert connect_store().dialect == "sqlite"
 
 
+@pytest.mark.parametrize(("durability", "synchronous"), [("strict", 2), ("fast", 1)])
+async def test_sqlite_durability_sets_how_commits_reach_the_disk(
+    tmp_path: Path, durability: str, synchronous: int
+) -> None:
+    """strict: synchronous=FULL (2), the default; fast: NORMAL (1); anything else refused."""
+    store = connect_store(f"sqlite:///{tmp_path}/d.db?durability={durability}")
+    async with store, store.transaction() as tx:
+        assert await tx.fetchval("PRAGMA synchronous") == synchronous
+    with pytest.raises(ConfigurationError, match="durability"):
+        connect_store(f"sqlite:///{tmp_path}/d.db?durability=lazy")
+
+
 async def test_a_caught_statement_error_still_prevents_the_commit(store: Store) -> None:
     """A statement error caught inside the block spoils the transaction on both dialects: the
     block's end raises TransactionError and nothing of it is committed (PostgreSQL would roll

@@ -1,7 +1,9 @@
 """The embedded store: one SQLite file, driven from a thread of its own.
 
 Durable: WAL mode with ``synchronous=FULL``, so a committed transaction
-survives a process crash and a power loss. Every statement runs on one
+survives a process crash and a power loss (``?durability=fast``:
+``synchronous=NORMAL``, a process crash loses nothing, a power loss may lose
+the last commits). Every statement runs on one
 dedicated thread (the event loop never waits on disk), and transactions of
 one store never overlap in a process: each begins with ``BEGIN IMMEDIATE``,
 which takes the file's write lock at once, so they never overlap across
@@ -27,7 +29,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -64,6 +66,10 @@ class SqliteStoreSettings(BaseSettings):
 
     busy_timeout: float = Field(default=5.0, gt=0)
     """Seconds a transaction waits for another process's write lock before StoreBusyError."""
+    durability: Literal["strict", "fast"] = "strict"
+    """``strict``: ``synchronous=FULL``, a commit survives a power loss. ``fast``:
+    ``synchronous=NORMAL``, a commit survives the process's crash but the last ones
+    may be lost to a power loss or an OS crash (the SQLite broker's ``fast`` alike)."""
 
 
 class SqliteStore(Store):
@@ -130,7 +136,8 @@ class SqliteStore(Store):
         try:
             connection.execute(f"PRAGMA busy_timeout = {int(self.settings.busy_timeout * 1000)}")
             connection.execute("PRAGMA journal_mode = WAL")
-            connection.execute("PRAGMA synchronous = FULL")
+            synchronous = "FULL" if self.settings.durability == "strict" else "NORMAL"
+            connection.execute(f"PRAGMA synchronous = {synchronous}")
             connection.execute("PRAGMA foreign_keys = ON")
             self._migrate(connection)
         except sqlite3.Error as exc:
