@@ -21,6 +21,15 @@ Plain acks (``ack``) are queued and written together with whatever the
 connection writes next (a publish, a pull request, another settle), or after
 ``ACK_DELAY`` at the latest: a consumer's acks otherwise cost a socket write
 each, and on a busy machine every write is a context switch to the server.
+They never ride on a direct reply's write (``nats_replies``), nor on one nats-py
+has already scheduled: nats-server (2.9) handles a JetStream ack before it
+flushes what the same read produced for other clients, so an ack behind a reply
+holds the reply back. Measured with nats-py alone (responder acking in the
+reply's write, or 5 ms later): p50 1.47x the core round trip instead of 1.30x.
+
+Received header blocks are parsed by ``parse_header_lines`` (what nats-py 2.16
+does, without its per-character generator; the same result for every input):
+every message a subscription or a request gets has a dozen CloudEvents headers.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import itertools
 import json
 import logging
 import random
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -98,6 +108,37 @@ _UNREACHABLE = (
 )
 
 
+#: What ``str.isspace`` is true for among ASCII characters (a header name is ASCII).
+_ASCII_SPACE = re.compile(r"[\t\n\x0b\x0c\r\x1c-\x1f ]")
+
+
+def parse_header_lines(raw: bytes) -> dict[str, str]:
+    """nats-py 2.16's ``Client._parse_header_lines``, with the same result for every input.
+
+    It tests each header name for whitespace with a generator over its characters,
+    about a tenth of the CPU a small message costs here; one regular expression
+    search does the same test.
+    """
+    out: dict[str, str] = {}
+    for line in raw.split(b"\r\n"):
+        name, sep, value = line.partition(b":")
+        if not sep:
+            continue
+        try:
+            key = name.strip().decode("ascii")
+        except UnicodeDecodeError:
+            continue
+        if _ASCII_SPACE.search(key) is not None:
+            continue
+        out[key] = value.strip().decode("utf-8", "replace")
+    return out
+
+
+def _ack_command(reply: str) -> bytes:
+    """The protocol line of a plain ack (what ``nc.publish(reply, b"+ACK")`` writes)."""
+    return f"PUB {reply} 4\r\n+ACK\r\n".encode()
+
+
 @dataclass(frozen=True)
 class Stored:
     """A message read back from a stream (direct get)."""
@@ -108,9 +149,7 @@ class Stored:
     data: bytes
 
 
-async def _publish_block(
-    nc: Client, subject: str, reply: str, block: bytes, payload: bytes
-) -> None:
+async def publish_block(nc: Client, subject: str, reply: str, block: bytes, payload: bytes) -> None:
     """What nats-py's ``publish`` does (2.16, its checks in its order), for a header block
     already built: its own encoding checked and encoded every header of every message again.
 
@@ -244,6 +283,9 @@ class Connection:
                 f"cannot connect to NATS at {self.where} ({type(exc).__name__}: {exc}); "
                 f"check that nats-server runs there, then retry"
             ) from exc
+        # An instance attribute shadows the static method nats-py calls as
+        # ``self._parse_header_lines`` (2.16); the result is the same, see its docstring.
+        setattr(nc, "_parse_header_lines", parse_header_lines)  # noqa: B010
         self.generation += 1
         self._down.clear()
         self._up.set()
@@ -384,7 +426,7 @@ class Connection:
         if not self.up:
             raise NotSent
         if self._acks:
-            await self.write_acks()  # in the same socket write
+            self._hand_over_acks(nc)  # written with this request, in the same socket write
         token = str(next(self._tokens))
         reply = self._reply_prefix + token
         loop = asyncio.get_running_loop()
@@ -394,7 +436,7 @@ class Connection:
         try:
             try:
                 if isinstance(headers, bytes):
-                    await _publish_block(nc, subject, reply, headers, payload)
+                    await publish_block(nc, subject, reply, headers, payload)
                 else:
                     await nc.publish(subject, payload, reply=reply, headers=headers)
             except nats.errors.OutboundBufferLimitError as exc:
@@ -412,8 +454,8 @@ class Connection:
         """A core publish (settles, pull requests, notifications); fails at once while down."""
         nc = self._nc if self._nc is not None else await self.client()
         try:
-            if self._acks:
-                await self.write_acks()  # in the same socket write
+            if self._acks and nc.is_connected:
+                self._hand_over_acks(nc)  # written with this publish, in the same socket write
             await nc.publish(subject, payload, reply=reply)
         except Exception:
             with self.translate(f"publishing to {subject}"):
@@ -437,6 +479,21 @@ class Connection:
         if self._ack_timer is None:
             self._ack_timer = asyncio.get_running_loop().call_later(ACK_DELAY, self._acks_due)
 
+    def _hand_over_acks(self, nc: Client) -> None:
+        """Put every queued ack in nats-py's unwritten data, to go with the caller's write:
+        one protocol line each, what ``nc.publish(reply, b"+ACK")`` adds, without its
+        checks and encoding per ack."""
+        acks, self._acks = self._acks, []
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
+        for reply in acks:
+            command = _ack_command(reply)
+            nc._pending.append(command)
+            nc._pending_data_size += len(command)
+        nc.stats["out_msgs"] += len(acks)
+        nc.stats["out_bytes"] += 4 * len(acks)
+
     def _acks_due(self) -> None:
         self._ack_timer = None
         if self._acks and self._ack_writer is None:
@@ -452,18 +509,21 @@ class Connection:
         An ack that cannot be written (the connection dropped meanwhile) is dropped:
         its message comes back when its lease runs out, a duplicate, never a loss.
         """
-        if self._ack_timer is not None:
-            self._ack_timer.cancel()
-            self._ack_timer = None
-        acks, self._acks = self._acks, []
         nc = self._nc
-        if nc is None or not acks:
+        if nc is None or not self._acks:
             return
+        if not nc.is_connected:  # nothing is buffered while disconnected (pending_size=0)
+            log.debug("%d acks not written to %s: disconnected", len(self._acks), self.where)
+            self._acks = []
+            if self._ack_timer is not None:
+                self._ack_timer.cancel()
+                self._ack_timer = None
+            return
+        self._hand_over_acks(nc)
         try:
-            for reply in acks:
-                await nc.publish(reply, b"+ACK")
+            await nc._flush_pending()
         except Exception as exc:
-            log.debug("%d acks not written to %s: %r", len(acks), self.where, exc)
+            log.debug("acks not written to %s: %r", self.where, exc)
 
     async def api(self, subject: str, body: Mapping[str, Any] | None, *, what: str) -> Any:
         """A JetStream API request (``$JS.API.<subject>``) and its decoded answer.

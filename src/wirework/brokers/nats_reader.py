@@ -474,16 +474,20 @@ class Reader:
         return kept
 
     async def _keep_alive(self, now: float) -> None:
+        kept = self._kept_alive(now)
+        every = self.group.lease / 3
+        left = self._lease_left()
+        if not kept or now - min(p.touched for p in kept) < min(every, left):
+            return  # the common case, looked at once per step: nothing to renew or drop
         # One whose lease ran out meanwhile (an outage, a stalled loop) may be with another
         # consumer now: renewing it would renew theirs, and handing it out would duplicate.
-        lost = {id(p) for p in self._kept_alive(now) if p.touched + self._lease_left() <= now}
+        lost = {id(p) for p in kept if p.touched + left <= now}
         if lost:
             self._ready = deque(p for p in self._ready if id(p) not in lost)
             for token, queue in list(self._parked.items()):
                 queue[:] = [p for p in queue if id(p) not in lost]
                 if not queue:
                     del self._parked[token]
-        every = self.group.lease / 3
         for pending in self._kept_alive(now):
             if now - pending.touched >= every:
                 pending.touched = now
@@ -521,15 +525,17 @@ class Reader:
         )
 
     def _next_timer(self, now: float) -> float:
-        times = [now + RECHECK * 2]
+        due = now + RECHECK * 2
         if self._pull is not None:
-            times.append(self._pull.ends_at)
+            due = min(due, self._pull.ends_at)
         if self._parked:
-            times.append(self._recheck_at)
-        every = self.group.lease / 3
-        times.extend(p.touched + every for p in self._kept_alive(now))
-        times.extend(d.deadline for d in self._held)
-        return max(0.0, min(times) - now)
+            due = min(due, self._recheck_at)
+        kept = self._kept_alive(now)
+        if kept:
+            due = min(due, min(p.touched for p in kept) + self.group.lease / 3)
+        if self._held:
+            due = min(due, min(d.deadline for d in self._held))
+        return max(0.0, due - now)
 
     async def _sleep(self, seconds: float) -> None:
         if self._stopping:

@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from wirework.brokers.nats_wire import decode_headers, encode_headers, header_bytes
+from wirework.brokers.nats_client import publish_block
+from wirework.brokers.nats_wire import BLOCK_FRAME, decode_headers, header_block
 from wirework.envelope import WireMessage
 from wirework.errors import BrokerError, ConfigurationError, MessageTooLargeError
 
@@ -99,13 +100,18 @@ class NatsReplies:
         broker = self._broker
         broker.check_open()
         broker.check_size(replyto, message)
-        headers = encode_headers(message, {})
-        client = await broker.connection.client()
-        size = len(message.body) + header_bytes(headers)
+        # Built once here, as a publish's is: with nats-py checking and encoding every
+        # header again, a reply cost 70 us of CPU against 32-56 us (the development machine).
+        block = header_block(message, {})
+        connection = broker.connection
+        client = await connection.client()
+        size = len(message.body) + len(block) - BLOCK_FRAME  # as header_bytes counts
         if size > client.max_payload:
             raise MessageTooLargeError(size, client.max_payload, topic=replyto)
-        with broker.connection.translate(f"replying to {replyto!r}"):
-            await client.publish(subject, message.body, headers=headers or None)
+        # Queued acks are not handed over here: behind a reply, they hold it back
+        # (nats_client's module docstring).
+        with connection.translate(f"replying to {replyto!r}"):
+            await publish_block(client, subject, "", block, message.body)
 
 
 class NatsInbox:
