@@ -3,15 +3,19 @@
 Started from the repository root as ``python -m tests.helpers.store_worker``:
 
 ``consume``
-    runs a ``Consumer`` with the inbox over ``--store`` and the SQLite broker
-    file ``--broker-db``; the handler inserts one row into ``effects``
-    (``message_id``, ``process``; no unique constraint, created by the test)
-    inside the inbox transaction, and records ``invoked`` in the ledger
-    *outside* it. The first invocation of an id in ``--slow`` holds its claim
-    for ``--hold`` seconds (past the lease, so another process gets a copy).
-    SIGTERM stops it and records the inbox counts (``inbox - claimed=..``).
+    runs a ``Consumer`` with the inbox over ``--store`` and the broker at
+    ``--broker`` (any URL but ``memory://``); the handler inserts one row
+    into ``effects`` (``message_id``, ``process``; no unique constraint,
+    created by the test) inside the inbox transaction, and records
+    ``invoked`` in the ledger *outside* it, then sleeps ``--handler-sleep``
+    seconds (still inside the transaction). The first invocation of an id in
+    ``--slow`` holds its claim for ``--hold`` seconds (past the lease, so
+    another process gets a copy). SIGTERM records ``stopping``, calls
+    ``consumer.stop(grace=--grace)`` and records the inbox counts
+    (``inbox - claimed=..``), then ``stopped``, and ``closed`` once broker
+    and store are closed.
 ``relay``
-    runs an outbox ``Relay`` from ``--store`` to the broker file until
+    runs an outbox ``Relay`` from ``--store`` to the broker until
     SIGTERM; crash points (``outbox.after_publish_before_mark``) come from
     ``FAULT_POINT``.
 ``produce``
@@ -39,8 +43,8 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from tests.helpers.recording import RecordingBroker
+from wirework.brokers import connect
 from wirework.brokers.base import Subscription
-from wirework.brokers.sqlite import SqliteBroker
 from wirework.consumer import Consumer, RetryPolicy, Route
 from wirework.envelope import Envelope
 from wirework.store import (
@@ -77,7 +81,7 @@ def stop_on_sigterm() -> asyncio.Event:
 async def consume(args: argparse.Namespace) -> int:
     slow = set(filter(None, args.slow.split(",")))
     store = connect_store(args.store)
-    broker = SqliteBroker(args.broker_db)
+    broker = connect(args.broker)
     stats = InboxStats()
     process = f"{args.name}.{os.getpid()}"
     held: set[str] = set()
@@ -88,6 +92,8 @@ async def consume(args: argparse.Namespace) -> int:
             await current_transaction().execute(
                 "INSERT INTO effects (message_id, process) VALUES ($1, $2)", envelope.id, process
             )
+            if args.handler_sleep > 0:
+                await asyncio.sleep(args.handler_sleep)  # work, inside the transaction
             if envelope.id in slow and envelope.id not in held:
                 held.add(envelope.id)
                 ledger.record("holding", envelope.id)
@@ -97,7 +103,10 @@ async def consume(args: argparse.Namespace) -> int:
         consumer = Consumer(
             RecordingBroker(broker, ledger),
             Subscription(
-                topic=TOPIC, group=GROUP, lease_timeout=args.lease, prefetch=args.concurrency
+                topic=TOPIC,
+                group=GROUP,
+                lease_timeout=args.lease,
+                prefetch=args.prefetch or args.concurrency,
             ),
             routes=[Route(ITEM_TYPE, LedgerItem, handle)],
             retry=RetryPolicy(base_delay=0.05, max_attempts=10),
@@ -108,7 +117,8 @@ async def consume(args: argparse.Namespace) -> int:
         running = asyncio.create_task(consumer.run())
         ledger.record("started", "-")
         await stopping.wait()
-        await consumer.stop(grace=5.0)
+        ledger.record("stopping", "-")
+        await consumer.stop(grace=args.grace)
         await running
         ledger.record(
             "inbox",
@@ -117,14 +127,16 @@ async def consume(args: argparse.Namespace) -> int:
             duplicates=stats.duplicates,
             rolled_back=stats.rolled_back,
         )
-    await broker.aclose()
-    await store.aclose()
+        ledger.record("stopped", "-")
+        await broker.aclose()
+        await store.aclose()
+        ledger.record("closed", "-")
     return 0
 
 
 async def produce(args: argparse.Namespace) -> int:
     store = connect_store(args.store)
-    broker = SqliteBroker(args.broker_db)
+    broker = connect(args.broker)
     relaying = Relay(store, broker, max_poll=0.2, lease_timeout=2.0)
     with ledger_file(args.ledger, args.name) as ledger:
         stopping = stop_on_sigterm()
@@ -161,7 +173,7 @@ def item(message_id: str) -> Envelope:
 
 async def relay(args: argparse.Namespace) -> int:
     store = connect_store(args.store)
-    broker = SqliteBroker(args.broker_db)
+    broker = connect(args.broker)
     relaying = Relay(store, broker, batch_size=args.batch, max_poll=0.2, lease_timeout=2.0)
     with ledger_file(args.ledger, args.name) as ledger:
         stopping = stop_on_sigterm()
@@ -182,12 +194,15 @@ def parser() -> argparse.ArgumentParser:
     for name in ("consume", "relay", "produce"):
         sub = commands.add_parser(name)
         sub.add_argument("--store", required=True)
-        sub.add_argument("--broker-db", required=True)
+        sub.add_argument("--broker", required=True, help="a broker URL (not memory://)")
         sub.add_argument("--ledger", required=True)
         sub.add_argument("--name", required=True)
         if name == "consume":
             sub.add_argument("--lease", type=float, default=1.0)
             sub.add_argument("--concurrency", type=int, default=2)
+            sub.add_argument("--prefetch", type=int, default=0, help="0: --concurrency")
+            sub.add_argument("--handler-sleep", type=float, default=0.0)
+            sub.add_argument("--grace", type=float, default=5.0)
             sub.add_argument("--slow", default="", help="comma-separated ids that hold a claim")
             sub.add_argument("--hold", type=float, default=0.0)
         elif name == "relay":

@@ -5,6 +5,20 @@ after the effect and before the commit, and right after the claim; each is
 restarted. DEV-14: a service dying right after committing an order and its
 outbox row, before its relay ran, 5 times; plus a final ``kill -9``. The
 effects table (no unique constraint) is the oracle of committed effects.
+
+The store-by-broker matrix, chosen to keep the suite affordable on two cores
+(a worker process start costs 1-4 s there, and each crash is one):
+
+* SQLite broker, both stores: every crash point, ``after_commit_before_ack``
+  with the three seeds, and DEV-14;
+* Redis, RabbitMQ, NATS: ``after_commit_before_ack`` (DEV-01) on both
+  stores; ``after_effect_write`` (DEV-02) and DEV-14 on PostgreSQL, seed 1.
+  ``after_inbox_claim`` rolls back exactly as ``after_effect_write`` does
+  (the store's part), so it runs on SQLite only.
+
+The memory broker cannot span processes, so none of these run on it; the
+in-process cases (DEV-06 in ``test_duplicates.py``, DEV-15 in
+``test_ghosts.py``) do.
 """
 
 from __future__ import annotations
@@ -20,9 +34,10 @@ import pytest
 
 from tests.helpers.harness import SEEDS, Supervisor, Worker, report
 from tests.helpers.store_worker import GROUP, ITEM_TYPE, TOPIC, LedgerItem, item
-from tests.store.workers import EFFECTS, StoreRun, backlog, effects
-from wirework.brokers.base import Subscription
-from wirework.brokers.sqlite import SqliteBroker
+from tests.store.brokers import BOTH, SERVERS, backend, case, matrix
+from tests.store.workers import EFFECTS, StoreRun, backlog, effects, polling
+from wirework.brokers import Broker, connect
+from wirework.brokers.base import GroupAdmin, Subscription
 from wirework.consumer import Consumer, Route
 from wirework.envelope import Envelope, encode_binary
 from wirework.faults import EXIT_CODE
@@ -32,30 +47,45 @@ from wirework.testing.ledger import SUFFIX, LedgerFile, check
 
 MESSAGES = 120
 
+AFTER_COMMIT = "consume.after_commit_before_ack"
+AFTER_EFFECT = "consume.after_effect_write"
+AFTER_CLAIM = "consume.after_inbox_claim"
+
 CRASH_CASES = [
     *(
-        pytest.param("consume.after_commit_before_ack", seed, id=f"after_commit_before_ack-{seed}")
+        row
         for seed in SEEDS
+        for row in matrix(AFTER_COMMIT, seed, id=f"after_commit_before_ack-{seed}", both=["sqlite"])
     ),
-    pytest.param("consume.after_effect_write", 1, id="after_effect_write-1"),
-    pytest.param("consume.after_inbox_claim", 1, id="after_inbox_claim-1"),
+    *matrix(AFTER_EFFECT, 1, id="after_effect_write-1", both=["sqlite"]),
+    *matrix(AFTER_CLAIM, 1, id="after_inbox_claim-1", both=["sqlite"]),
+    *matrix(AFTER_COMMIT, 1, id="after_commit_before_ack-1", both=SERVERS),
+    *(case("postgresql", broker, AFTER_EFFECT, 1, id="after_effect_write-1") for broker in SERVERS),
 ]
+
+
+async def declare(broker: Broker) -> None:
+    """Create the workers' group before anything is published (RabbitMQ keeps nothing for a
+    group that does not exist yet)."""
+    assert isinstance(broker, GroupAdmin)
+    await broker.declare_group(Subscription(topic=TOPIC, group=GROUP, lease_timeout=1.0))
 
 
 @pytest.mark.fault
 @pytest.mark.slow
-@pytest.mark.parametrize(("point", "seed"), CRASH_CASES)
+@pytest.mark.parametrize((*BOTH, "point", "seed"), CRASH_CASES, indirect=BOTH)
 async def test_inbox_consumers_crashing_at_a_point_apply_each_message_once(
-    store_url: str, tmp_path: Path, point: str, seed: int
+    store_url: str, broker_url: str, tmp_path: Path, point: str, seed: int
 ) -> None:
     """Two inbox consumers crash at ``point`` every few messages and are restarted:
     nothing acked is lost, and no message has two effects."""
     rng = random.Random(seed)
-    store_run = StoreRun(tmp_path, store_url)
+    store_run = StoreRun(tmp_path, store_url, broker_url)
     try:
-        async with connect_store(store_url) as store, SqliteBroker(store_run.broker_db) as broker:
+        async with connect_store(store_url) as store, connect(broker_url) as broker:
             async with store.transaction() as tx:
                 await tx.execute(EFFECTS)
+            await declare(broker)
             with LedgerFile(store_run.ledger / f"p0.{os.getpid()}{SUFFIX}") as ledger:
                 for n in range(MESSAGES):
                     message_id = f"p0-{n}"
@@ -72,6 +102,7 @@ async def test_inbox_consumers_crashing_at_a_point_apply_each_message_once(
             supervising = asyncio.create_task(supervisor.run())
             try:
 
+                @polling
                 async def drained() -> bool:
                     return len(await effects(store)) == MESSAGES and await backlog(broker) == 0
 
@@ -87,7 +118,7 @@ async def test_inbox_consumers_crashing_at_a_point_apply_each_message_once(
     result = dataclasses.replace(check(history), effects=counted)
     crashed = [worker for worker, code in supervisor.exits if code == EXIT_CODE]
     others = [(worker.name, code) for worker, code in supervisor.exits if code != EXIT_CODE]
-    report(f"inbox-crash[{point},seed={seed}]", result, crashes=len(crashed))
+    report(f"inbox-crash[{backend(broker_url)},{point},seed={seed}]", result, crashes=len(crashed))
     assert not others, f"workers exited for another reason: {others}\n{store_run.describe()}"
     assert len(crashed) >= 2, f"expected several crashes\n{store_run.describe()}"
     assert not result.lost, str(result)
@@ -109,18 +140,20 @@ async def test_inbox_consumers_crashing_at_a_point_apply_each_message_once(
 
 @pytest.mark.fault
 @pytest.mark.slow
+@pytest.mark.parametrize(BOTH, matrix(both=["sqlite"], postgresql=SERVERS), indirect=True)
 async def test_a_service_crashing_between_commit_and_relay_loses_no_event(
-    store_url: str, tmp_path: Path
+    store_url: str, broker_url: str, tmp_path: Path
 ) -> None:
     """DEV-14: a producer dies right after each few commits, before its relay runs; restarted,
     then killed -9 mid-stream; a relay drains: orders == published ids == downstream effects."""
     rng = random.Random(7)
-    store_run = StoreRun(tmp_path, store_url)
+    store_run = StoreRun(tmp_path, store_url, broker_url)
     try:
-        async with connect_store(store_url) as store, SqliteBroker(store_run.broker_db) as broker:
+        async with connect_store(store_url) as store, connect(broker_url) as broker:
             async with store.transaction() as tx:
                 await tx.execute("CREATE TABLE orders (id TEXT PRIMARY KEY)")
                 await tx.execute(EFFECTS)
+            await declare(broker)
 
             def start(name: str) -> Worker:
                 env = {
@@ -145,6 +178,7 @@ async def test_a_service_crashing_between_commit_and_relay_loses_no_event(
             await last.exited(10)
             drainer = store_run.start("relay", "drain")
 
+            @polling
             async def outbox_empty() -> bool:
                 async with store.transaction() as tx:
                     rows = await tx.fetchval("SELECT count(*) FROM wirework_outbox")
@@ -187,7 +221,11 @@ async def test_a_service_crashing_between_commit_and_relay_loses_no_event(
     history = store_run.history()
     result = dataclasses.replace(check(history), effects=counted)
     crashed = [worker for worker, code in supervisor.exits if code == EXIT_CODE]
-    report("outbox-crash[after_commit_before_relay]", result, crashes=len(crashed))
+    report(
+        f"outbox-crash[{backend(broker_url)},after_commit_before_relay]",
+        result,
+        crashes=len(crashed),
+    )
     assert len(crashed) >= 5
     assert orders == set(delivered) == set(counted), "zombie or ghost: sets differ"
     assert not result.dup_effects, str(result)

@@ -8,11 +8,14 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import ClassVar
 
+import asyncpg  # type: ignore[import-untyped]  # asyncpg ships no type hints
 import pytest
 from pydantic import BaseModel
 
+from tests.helpers.stores import PG_DSN, empty_store_url, opened_store
 from wirework.brokers.base import Subscription
 from wirework.brokers.memory import MemoryBroker
 from wirework.envelope import Envelope, decode_wire
@@ -269,3 +272,44 @@ async def test_publishing_a_body_builds_its_envelope_and_checks_size(store: Stor
         row = await tx.fetchrow("SELECT message_id, message_key, topic FROM wirework_outbox")
     assert row == {"message_id": envelope.id, "message_key": "o1", "topic": TOPIC}
     assert await outbox_rows(store) == 1
+
+
+@pytest.mark.ext
+async def test_a_relay_stopped_while_it_starts_listening_leaves_no_connection_open(
+    tmp_path: Path,
+) -> None:
+    """PostgreSQL: a relay stopped while its store is connecting to LISTEN closes that
+    connection (it used to leak, one per stop, until the process ended)."""
+    async with empty_store_url("postgresql", tmp_path) as url:
+        schema = url.rsplit("schema=", 1)[1]
+        watcher = await asyncpg.connect(PG_DSN)
+
+        async def connections() -> int:
+            # Listener connections set search_path to the test's schema; nothing else does.
+            count: int = await watcher.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND pid <> pg_backend_pid()"
+            )
+            return count
+
+        try:
+            before = await connections()
+            broker = MemoryBroker()
+            async with opened_store(url) as store:
+                for turn in range(60):
+                    relay = Relay(store, broker, min_poll=0.01, max_poll=0.05)
+                    running = asyncio.create_task(relay.run())
+                    # Stop it 0-12 ms in: before, during and after connecting to LISTEN.
+                    await asyncio.sleep(turn * 0.0002)
+                    await relay.stop()
+                    running.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await running
+            await broker.aclose()
+
+            async def back_to_before() -> bool:
+                return await connections() <= before
+
+            await wait_until(back_to_before, 10, what=f"connections back to {before} ({schema})")
+        finally:
+            await watcher.close()

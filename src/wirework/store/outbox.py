@@ -351,6 +351,9 @@ class Relay:
         finally:
             for task in (stop, wake):
                 task.cancel()
+            # Let them finish their cancellation (the store may be closing a connection
+            # it was opening to listen): a relay that returns leaves nothing running.
+            await asyncio.gather(stop, wake, return_exceptions=True)
 
 
 def _row(found: Row) -> _OutboxRow:

@@ -205,9 +205,18 @@ class PostgresStore(Store):
                 timeout=self.settings.connect_timeout,
                 server_settings=self._server_settings(),
             )
-            await listener.add_listener(self.channel, self._notified)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
             # Relays still poll; the next wait tries again.
+            log.warning("cannot LISTEN on the %s (%s); polling only", self._where, exc)
+            return
+        try:
+            await listener.add_listener(self.channel, self._notified)
+        except BaseException as exc:
+            # Cancelled (a relay stopping) or refused: the connection is ours to close,
+            # or it leaks until the process ends.
+            await asyncio.shield(_close_quietly(listener))
+            if not isinstance(exc, (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)):
+                raise
             log.warning("cannot LISTEN on the %s (%s); polling only", self._where, exc)
             return
         self._listener = listener
@@ -227,6 +236,11 @@ class PostgresStore(Store):
                 await self._listener.close()
         if self._pool is not None:
             await self._pool.close()
+
+
+async def _close_quietly(connection: asyncpg.Connection) -> None:
+    with contextlib.suppress(Exception):
+        await connection.close()
 
 
 class PostgresTransaction(Transaction):
