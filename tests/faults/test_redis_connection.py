@@ -23,10 +23,13 @@ from pathlib import Path
 from typing import Literal
 
 import pytest
+import redis.asyncio
 
 from tests.helpers.fault_proxy import FaultProxy
 from tests.helpers.network import TOPIC, Ledger, Workload, free_port, report
 from tests.helpers.services import require_service
+from wirework.brokers import redis_replies
+from wirework.brokers.base import Subscription
 from wirework.brokers.redis import RedisBroker, RedisSettings, purge_namespace
 from wirework.envelope import WireMessage
 from wirework.errors import BrokerError, ConfigurationError
@@ -282,3 +285,97 @@ async def test_a_connect_timed_out_by_a_stalled_loop_waits_for_an_open_connectio
         assert [row.ready for row in rows] == [101]
     finally:
         await warm.aclose()
+
+
+# -- wake-ups and the reply inbox's upkeep (fewer round trips per request, issue 4) ----------
+
+
+def _message(n: int) -> WireMessage:
+    return WireMessage(headers={"ce-id": f"m{n}"}, body=b"{}")
+
+
+async def test_a_fetch_that_empties_the_topic_leaves_it_waiting_for_the_next_publish(
+    namespace: str,
+) -> None:
+    """A fetch that hands out the last message says the topic is idle itself (no empty fetch
+    follows), so a publish from another process wakes the subscription at once: with a 5 s
+    poll_interval, ten messages published one by one each arrive within a second."""
+    settings = RedisSettings(namespace=namespace, poll_interval=5.0)
+    publisher = RedisBroker(SHARED_URL, settings=settings)
+    consumer = RedisBroker(SHARED_URL, settings=settings)
+    subscription = Subscription(topic=TOPIC, group="g", start="earliest")
+    try:
+        await consumer.declare_group(subscription)
+        deliveries = consumer.subscribe(subscription)
+        for n in range(10):
+            await publisher.publish(TOPIC, _message(n))
+            async with asyncio.timeout(1.0):
+                delivery = await anext(deliveries)
+            assert delivery.message.headers["ce-id"] == f"m{n}"
+            await delivery.ack()
+        await deliveries.aclose()
+    finally:
+        await publisher.aclose()
+        await consumer.aclose()
+
+
+async def test_closing_the_broker_ends_an_idle_subscription_at_once(namespace: str) -> None:
+    """An idle subscription waits for its wake-up only (no poll of the closing flag): closing
+    the broker must ring it, so it ends at once and not at the end of its 30 s poll_interval."""
+    broker = RedisBroker(SHARED_URL, settings=RedisSettings(namespace=namespace, poll_interval=30))
+    try:
+        deliveries = broker.subscribe(Subscription(topic=TOPIC, group="g"))
+        reading = asyncio.create_task(anext(deliveries, None))
+        await asyncio.sleep(0.5)  # the subscription joins, fetches nothing and goes idle
+        started = time.monotonic()
+        await broker.aclose()
+        async with asyncio.timeout(2.0):
+            assert await reading is None
+        assert time.monotonic() - started < 2.0
+    finally:
+        await broker.aclose()
+
+
+async def test_a_reply_inbox_trims_what_it_read_and_renews_its_expiry(
+    namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reader's expiry renewal and trim ride along with a read only now and then: after
+    many replies the stream holds few entries and still expires within TTL; and a stream
+    that vanished (an outage longer than TTL, a server that lost its data) is created again
+    at the next renewal, and replies sent after that arrive."""
+    monkeypatch.setattr(redis_replies, "RENEW", 0.2)
+    monkeypatch.setattr(redis_replies, "BLOCK", 0.2)
+    broker = RedisBroker(SHARED_URL, settings=RedisSettings(namespace=namespace))
+    client = redis.asyncio.Redis.from_url(SHARED_URL)
+    try:
+        replies = broker.direct_replies()
+        inbox = await replies.open_reply_inbox("caller")
+        got: list[str] = []
+
+        async def read() -> None:
+            async for message in inbox:
+                got.append(message.headers["ce-id"])
+
+        reader = asyncio.create_task(read())
+        count = redis_replies.TRIM_AFTER * 2 + 10
+        for n in range(count):
+            await replies.send_reply(inbox.address, _message(n))
+        await wait_until(lambda: len(got) == count, 5, what="every reply read")
+        assert got == [f"m{n}" for n in range(count)]
+        async with asyncio.timeout(5):  # a renewal comes within 0.4 s: what was read goes
+            while await client.xlen(inbox.key) > 1:
+                await asyncio.sleep(0.05)
+        assert 0 < await client.pttl(inbox.key) <= redis_replies.TTL * 1000
+
+        await client.unlink(inbox.key)  # the server lost it
+        async with asyncio.timeout(5):
+            while not await client.exists(inbox.key):
+                await asyncio.sleep(0.05)
+        await replies.send_reply(inbox.address, _message(-1))
+        await wait_until(lambda: got[-1:] == ["m-1"], 5, what="the reply after the loss")
+        await inbox.aclose()
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+    finally:
+        await client.aclose()
+        await broker.aclose()

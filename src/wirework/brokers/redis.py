@@ -73,7 +73,7 @@ from wirework.brokers.redis_model import (
     text,
 )
 from wirework.brokers.redis_replies import RedisReplies
-from wirework.clock import SYSTEM_CLOCK, Clock, wait_first
+from wirework.clock import SYSTEM_CLOCK, Clock, SystemClock, wait_first
 from wirework.envelope import WireMessage
 from wirework.errors import (
     AlreadySettledError,
@@ -323,6 +323,9 @@ class RedisBroker(Broker, DeadLetterStore, Inspectable, GroupAdmin):
         )
         waiting: deque[RedisDelivery] = deque()
         joined = False
+        # Set when the last fetch emptied the topic: how long to wait for a wake-up before
+        # the next fetch, once what it took is handed out (it set ``idle:T``: a publish rings).
+        rest: float | None = None
         try:
             while not self._closed:
                 if waiting:
@@ -336,6 +339,10 @@ class RedisBroker(Broker, DeadLetterStore, Inspectable, GroupAdmin):
                 if free <= 0:
                     held.room.clear()
                     await self._wait(held.room, None)
+                    continue
+                if rest is not None:
+                    pause, rest = rest, None
+                    await self._idle(wake, pause)
                     continue
                 wake.clear()
                 try:
@@ -358,12 +365,11 @@ class RedisBroker(Broker, DeadLetterStore, Inspectable, GroupAdmin):
                     continue
                 backoff.reset()
                 waiting.extend(fetched)
-                if fetched or more:
+                if more or next_ms == scripts.FILLED:
                     continue
-                pause = self.settings.poll_interval
+                rest = self.settings.poll_interval
                 if next_ms >= 0:
-                    pause = min(pause, next_ms / 1000 + 0.001)
-                await self._wait(wake, pause)
+                    rest = min(rest, next_ms / 1000 + 0.001)
         finally:
             self._doorbell.forget(held.topic, wake)
             self._holding.discard(held)
@@ -445,12 +451,26 @@ class RedisBroker(Broker, DeadLetterStore, Inspectable, GroupAdmin):
         """Until ``event`` is set, the broker closes, or ``pause`` passes on the clock."""
         await wait_first(event, self._closing, clock=self._clock, pause=pause)
 
+    async def _idle(self, wake: asyncio.Event, pause: float) -> None:
+        """An idle subscription's wait for its wake-up (``aclose`` rings it too), at most
+        ``pause``. On the system clock without ``wait_first``'s three tasks per wait: this
+        wait ends on the path of every request to a quiet responder."""
+        if type(self._clock) is not SystemClock:
+            await self._wait(wake, pause)
+            return
+        if wake.is_set() or self._closed:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(pause):
+                await wake.wait()
+
     async def aclose(self) -> None:
         """Hand back every held delivery, end every subscription, close the connections."""
         if self._closed:
             return
         self._closed = True
         self._closing.set()
+        self._doorbell.ring_all()  # idle subscriptions (``_idle``) wait for their bell only
         for held in list(self._holding):
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.settings.command_timeout):

@@ -313,12 +313,15 @@ return 1
 _FETCH = r"""
 -- ARGV: prefix, topic, group, consumer, free, lease_ms, scan_limit
 -- Returns {next_ms, more, member, attempt, first_failure, headers, body, has_key, key, ...}.
+-- next_ms -2: it filled ``free`` (fetch again at once); else it emptied the stream and
+-- said so (``idle``): -1, nothing scheduled, or the ms until the next copy falls due.
 local c = ctx(ARGV[2], ARGV[3])
 local consumer = ARGV[4]
 local free, lease_ms, scan_limit = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local now = now_ms()
-local out = {0, 0}
+local out = {-2, 0}
 local taken = 0
+local drained = false
 
 -- ``fresh``: a first delivery, which has no failure recorded yet.
 local function emit(m, attempt, f, fresh)
@@ -368,7 +371,10 @@ while taken < free do
   local want = math.min(free - taken, scan_limit - scanned)
   local got = redis.call(
     'XREADGROUP', 'GROUP', c.G, consumer, 'COUNT', want, 'STREAMS', c.stream, '>')
-  if not got or #got == 0 or #got[1][2] == 0 then break end
+  if not got or #got == 0 or #got[1][2] == 0 then
+    drained = true
+    break
+  end
   local entries = got[1][2]
   redis.call('HINCRBY', c.meta, 'read', #entries)
   for _, e in ipairs(entries) do
@@ -393,9 +399,11 @@ while taken < free do
   end
 end
 
-if taken > 0 or out[2] == 1 then return out end
--- Idle: say so (a publish or settle then wakes it over pub/sub), and when the next waiting
--- copy falls due or lease runs out, so that it can sleep till then.
+if out[2] == 1 or (taken > 0 and not drained) then return out end
+-- Nothing more to hand out: say so (a publish or settle then wakes it over pub/sub), and
+-- when the next waiting copy falls due or lease runs out, so that it can sleep till then.
+-- Also when it took some: the subscription then waits after handing them out, instead of
+-- a fetch that would find nothing (a round trip per message of a quiet topic).
 redis.call('SET', c.idle, '1')
 local nxt = -1
 for _, z in ipairs({c.due, c.lease}) do
@@ -695,6 +703,9 @@ DELETE_GROUP = _script("delete_group")
 
 #: What a settle script answers; WOKE: settled, and the next copy of its key is free now.
 SETTLED, STALE, GONE, WOKE = 1, 0, 2, 4
+
+#: The fetch script's first value when it handed out all it was asked for (no idle wait).
+FILLED = -2
 
 #: What the publish script answers besides SETTLED (stored now).
 DUPLICATE, FULL = 2, 3
