@@ -88,3 +88,25 @@ async def test_drain_stops_when_caught_up_or_quiet(tmp_path: Path) -> None:
         assert stuck.lost == {"p1-0"}
     finally:
         await broker.aclose()
+
+
+async def test_drain_reads_dead_letters_before_the_ledger(tmp_path: Path) -> None:
+    """A consumer records its last invocation, then dead-letters the message: a drain that
+    read the ledger first could see the dead letter without that invocation."""
+    write(tmp_path, "p0.1", ("invoke", "p0-1"), ("ok", "p0-1"))
+    write(tmp_path, "c0.2", ("invoked", "p0-1"))
+
+    class DeadLettersMeanwhile:
+        """Answers as if the second invocation and its dead letter happened just now."""
+
+        async def dead_letters(self, **_: object) -> list[object]:
+            write(tmp_path, "c0.3", ("invoked", "p0-1"))
+
+            class Letter:
+                id, message_id = 1, "p0-1"
+
+            return [Letter()]
+
+    result = await drain(tmp_path, DeadLettersMeanwhile(), quiet=5, timeout=5)  # type: ignore[arg-type]
+    assert not result.lost
+    assert result.invocations["p0-1"] == 2

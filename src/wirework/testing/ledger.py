@@ -299,11 +299,11 @@ async def drain(
     seen = -1
     changed = loop.time()
     while True:
-        result = check(
-            History.read(directory),
-            await dead_lettered_ids(store, topic=topic, group=group),
-            effect=effect,
-        )
+        # Dead letters first: what a consumer recorded before dead-lettering a message
+        # (its last invocation) is then in the ledger read next. The other way round,
+        # a message dead-lettered between the two reads counts one invocation short.
+        dead = await dead_lettered_ids(store, topic=topic, group=group)
+        result = check(History.read(directory), dead, effect=effect)
         now = loop.time()
         if now >= deadline:
             return result
