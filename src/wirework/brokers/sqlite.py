@@ -71,6 +71,7 @@ from wirework.errors import (
     BrokerClosedError,
     ConfigurationError,
 )
+from wirework.sqlite_wal import use_wal
 
 #: Pause before a subscription claims again after the file was locked past busy_timeout.
 _BUSY_RETRY_PAUSE = 0.05
@@ -141,7 +142,7 @@ class SqliteBroker(Broker):
             timeout=self.settings.busy_timeout,
         )
         try:
-            connection.execute("PRAGMA journal_mode = WAL")
+            use_wal(connection, self.settings.busy_timeout)
             sync = "FULL" if self.settings.durability == "strict" else "NORMAL"
             connection.execute(f"PRAGMA synchronous = {sync}")
             if sync == "NORMAL":

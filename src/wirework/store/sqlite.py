@@ -36,6 +36,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from wirework.errors import ConfigurationError
 from wirework.faults import fault_point
+from wirework.sqlite_wal import use_wal
 from wirework.store.base import Row, Store, Transaction, activate, deactivate
 from wirework.store.errors import (
     StoreBusyError,
@@ -135,7 +136,7 @@ class SqliteStore(Store):
             ) from exc
         try:
             connection.execute(f"PRAGMA busy_timeout = {int(self.settings.busy_timeout * 1000)}")
-            connection.execute("PRAGMA journal_mode = WAL")
+            use_wal(connection, self.settings.busy_timeout)
             synchronous = "FULL" if self.settings.durability == "strict" else "NORMAL"
             connection.execute(f"PRAGMA synchronous = {synchronous}")
             connection.execute("PRAGMA foreign_keys = ON")

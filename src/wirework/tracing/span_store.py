@@ -32,6 +32,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from pydantic import BaseModel, ConfigDict
 
 from wirework.errors import ConfigurationError
+from wirework.sqlite_wal import use_wal
 from wirework.tracing.lean import LeanSpan
 
 DEFAULT_PATH = Path(".wirework") / "spans.db"
@@ -206,7 +207,7 @@ class SpanStore:
                     if not self.path.exists():
                         os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
                 db = sqlite3.connect(self.path, timeout=10.0, check_same_thread=False)
-                db.execute("PRAGMA journal_mode=WAL")
+                use_wal(db, 10.0)
                 # Spans are diagnostics: a power cut may lose the last batch, never the file.
                 db.execute("PRAGMA synchronous=NORMAL")
                 db.executescript(_SCHEMA)
