@@ -31,6 +31,7 @@ from tests.helpers.services import require_service
 from wirework.brokers import redis_replies
 from wirework.brokers.base import Subscription
 from wirework.brokers.redis import RedisBroker, RedisSettings, purge_namespace
+from wirework.brokers.redis_model import key_prefix
 from wirework.envelope import WireMessage
 from wirework.errors import BrokerError, ConfigurationError
 from wirework.testing.conformance import wait_until
@@ -323,16 +324,22 @@ async def test_closing_the_broker_ends_an_idle_subscription_at_once(namespace: s
     """An idle subscription waits for its wake-up only (no poll of the closing flag): closing
     the broker must ring it, so it ends at once and not at the end of its 30 s poll_interval."""
     broker = RedisBroker(SHARED_URL, settings=RedisSettings(namespace=namespace, poll_interval=30))
+    client = redis.asyncio.Redis.from_url(SHARED_URL)
     try:
         deliveries = broker.subscribe(Subscription(topic=TOPIC, group="g"))
         reading = asyncio.create_task(anext(deliveries, None))
-        await asyncio.sleep(0.5)  # the subscription joins, fetches nothing and goes idle
+
+        async def idle() -> bool:  # its fetch found nothing and marked the topic idle
+            return bool(await client.exists(f"{key_prefix(namespace)}idle:{TOPIC}"))
+
+        await wait_until(idle, 5, what="the subscription idle")
         started = time.monotonic()
         await broker.aclose()
         async with asyncio.timeout(2.0):
             assert await reading is None
         assert time.monotonic() - started < 2.0
     finally:
+        await client.aclose()
         await broker.aclose()
 
 
@@ -362,15 +369,19 @@ async def test_a_reply_inbox_trims_what_it_read_and_renews_its_expiry(
             await replies.send_reply(inbox.address, _message(n))
         await wait_until(lambda: len(got) == count, 5, what="every reply read")
         assert got == [f"m{n}" for n in range(count)]
-        async with asyncio.timeout(5):  # a renewal comes within 0.4 s: what was read goes
-            while await client.xlen(inbox.key) > 1:
-                await asyncio.sleep(0.05)
+
+        async def trimmed() -> bool:  # a renewal comes within 0.4 s: what was read goes
+            return int(await client.xlen(inbox.key)) <= 1
+
+        await wait_until(trimmed, 5, what="the inbox trimmed")
         assert 0 < await client.pttl(inbox.key) <= redis_replies.TTL * 1000
 
         await client.unlink(inbox.key)  # the server lost it
-        async with asyncio.timeout(5):
-            while not await client.exists(inbox.key):
-                await asyncio.sleep(0.05)
+
+        async def recreated() -> bool:
+            return bool(await client.exists(inbox.key))
+
+        await wait_until(recreated, 5, what="the inbox created again")
         await replies.send_reply(inbox.address, _message(-1))
         await wait_until(lambda: got[-1:] == ["m-1"], 5, what="the reply after the loss")
         await inbox.aclose()

@@ -42,7 +42,7 @@ async def main(db: str) -> None:
     await asyncio.to_thread(sys.stdin.readline)
     print("acking", flush=True)
     await delivery.ack()
-    await asyncio.sleep(3600)
+    await asyncio.Event().wait()  # until the test kills it
 
 asyncio.run(main(sys.argv[1]))
 """

@@ -20,7 +20,7 @@ from rich.tree import Tree
 
 from wirework.cli._common import EXIT_USAGE, console, emit_json, fail
 from wirework.cli._render import printable
-from wirework.cli.trace import DEFAULT_STORE, duration_text
+from wirework.cli.trace import DEFAULT_STORE, duration_text, open_span_store
 from wirework.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -69,16 +69,10 @@ def flow_command(
     """Draw one flow's causation tree, or list recent flows (default: the last 20)."""
     if correlation_id is not None and last is not None:
         fail("give a CORRELATION_ID or --last, not both", code=EXIT_USAGE)
-    try:
-        # Imported here: `import wirework.cli.main` must work without the tracing extra.
-        from wirework.tracing.flow import load_flow, summarize_flow
-        from wirework.tracing.span_store import SpanStore
-    except ImportError:
-        fail("wirework flow needs the tracing extra: pip install 'wirework[tracing]'")
-    try:
-        spans = SpanStore(store, create=False)
-    except ConfigurationError as exc:
-        fail(str(exc))
+    spans = open_span_store(store, "flow")
+    # Imported here (the tracing extra is there: the store opened).
+    from wirework.tracing.flow import load_flow, summarize_flow
+
     try:
         if correlation_id is not None:
             flow = load_flow(spans, _resolve(spans, correlation_id))

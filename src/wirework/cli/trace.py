@@ -75,15 +75,7 @@ def trace_command(
             f"give one of ID, --last, --correlation, --saga, --key (got {', '.join(chosen)})",
             code=EXIT_USAGE,
         )
-    try:
-        # Imported here: `import wirework.cli.main` must work without the tracing extra.
-        from wirework.tracing.span_store import SpanStore
-    except ImportError:
-        fail("wirework trace needs the tracing extra: pip install 'wirework[tracing]'")
-    try:
-        spans = SpanStore(store, create=False)
-    except ConfigurationError as exc:
-        fail(str(exc))
+    spans = open_span_store(store, "trace")
     try:
         if trace_id is not None:
             _show(spans, _resolve(spans, trace_id), as_json)
@@ -99,6 +91,19 @@ def trace_command(
         fail(str(exc))
     finally:
         spans.close()
+
+
+def open_span_store(path: Path, command: str) -> SpanStore:
+    """The span store at ``path`` for ``wirework <command>``, or a clear exit saying why not."""
+    try:
+        # Imported here: `import wirework.cli.main` must work without the tracing extra.
+        from wirework.tracing.span_store import SpanStore
+    except ImportError:
+        fail(f"wirework {command} needs the tracing extra: pip install 'wirework[tracing]'")
+    try:
+        return SpanStore(path, create=False)
+    except ConfigurationError as exc:
+        fail(str(exc))
 
 
 def _resolve(store: SpanStore, wanted: str) -> str:
