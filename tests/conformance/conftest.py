@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import uuid
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,6 +82,20 @@ class PurgingTarget(UrlTarget):
         await super().aclose()
         module = importlib.import_module(f"wirework.brokers.{self.backend}")
         await module.purge_namespace(self.url, self.namespace)
+
+
+@asynccontextmanager
+async def server_target_of(name: str) -> AsyncIterator[PurgingTarget]:
+    """The server backend ``name`` in a namespace of its own, purged afterwards."""
+    backend = BACKENDS[name]
+    assert backend.service is not None, f"{name} needs no server"
+    require_service(*backend.service)
+    built = backend.build(Path("."))
+    assert isinstance(built, PurgingTarget)
+    try:
+        yield built
+    finally:
+        await built.aclose()
 
 
 @pytest.fixture(params=[pytest.param(name, marks=b.marks) for name, b in BACKENDS.items()])

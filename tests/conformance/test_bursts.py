@@ -16,15 +16,13 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from urllib.parse import quote
 
 import pytest
 
-from tests.conformance.conftest import BACKENDS, PurgingTarget
+from tests.conformance.conftest import BACKENDS, PurgingTarget, server_target_of
 from tests.conformance.test_request_reply import Answer, Ask, responder
 from tests.helpers.fault_proxy import FaultProxy
-from tests.helpers.services import require_service
 from wirework.brokers import Broker, Subscription, connect
 from wirework.brokers.base import GroupAdmin
 from wirework.envelope import WireMessage
@@ -46,15 +44,8 @@ NARROW = {"redis": "max_connections=3", "rabbitmq": "publish_window=2"}
 @pytest.fixture(params=[pytest.param(name, marks=BACKENDS[name].marks) for name in NARROW])
 async def server(request: pytest.FixtureRequest) -> AsyncIterator[PurgingTarget]:
     """A server backend in a namespace of its own, purged afterwards."""
-    backend = BACKENDS[request.param]
-    assert backend.service is not None
-    require_service(*backend.service)
-    built = backend.build(Path("."))
-    assert isinstance(built, PurgingTarget)
-    try:
+    async with server_target_of(request.param) as built:
         yield built
-    finally:
-        await built.aclose()
 
 
 def _narrow(server: PurgingTarget, proxy: FaultProxy, query: str) -> Broker:

@@ -15,15 +15,13 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
 from pydantic import BaseModel
 
-from tests.conformance.conftest import BACKENDS, PurgingTarget
+from tests.conformance.conftest import BACKENDS, PurgingTarget, server_target_of
 from tests.helpers.fault_proxy import FaultProxy
-from tests.helpers.services import require_service
 from wirework.brokers import connect
 from wirework.brokers.base import (
     Broker,
@@ -261,15 +259,8 @@ async def inbox_gone_from_server(target: ConformanceTarget, inbox: ReplyInbox) -
 @pytest.fixture(params=[pytest.param(name, marks=BACKENDS[name].marks) for name in DIRECT])
 async def server(request: pytest.FixtureRequest) -> AsyncIterator[PurgingTarget]:
     """A server backend with a direct reply path, in a namespace purged afterwards."""
-    backend = BACKENDS[request.param]
-    assert backend.service is not None
-    require_service(*backend.service)
-    built = backend.build(Path("."))
-    assert isinstance(built, PurgingTarget)
-    try:
+    async with server_target_of(request.param) as built:
         yield built
-    finally:
-        await built.aclose()
 
 
 async def test_replies_come_back_through_a_direct_inbox_on_server_backends(

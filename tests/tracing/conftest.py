@@ -26,6 +26,15 @@ BrokerFactory = Callable[[], "Broker | str"]
 
 
 @pytest.fixture
+def built() -> Iterator[list[Tracing]]:
+    """Tracings a test configured itself (append them): shut down after it."""
+    made: list[Tracing] = []
+    yield made
+    for tracing in made:
+        tracing.shutdown()
+
+
+@pytest.fixture
 def store_path(tmp_path: Path) -> Path:
     return tmp_path / "spans.db"
 

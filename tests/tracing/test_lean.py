@@ -3,7 +3,6 @@ a provider falls back to the SDK's spans as soon as anything but the store liste
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +25,6 @@ REMOTE = SpanContext(
     trace_flags=TraceFlags(TraceFlags.SAMPLED),
     trace_state=TraceState([("vendor", "x")]),
 )
-
-
-@pytest.fixture
-def built() -> Iterator[list[Tracing]]:
-    made: list[Tracing] = []
-    yield made
-    for tracing in made:
-        tracing.shutdown()
 
 
 def store_tracing(

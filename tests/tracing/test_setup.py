@@ -7,7 +7,7 @@ import asyncio
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,14 +45,6 @@ def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for name in OTEL_VARIABLES:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.chdir(tmp_path)  # the default store, .wirework/spans.db, lands here
-
-
-@pytest.fixture
-def built() -> Iterator[list[Tracing]]:
-    made: list[Tracing] = []
-    yield made
-    for tracing in made:
-        tracing.shutdown()
 
 
 def build(made: list[Tracing], name: str = "orders", **options: object) -> Tracing:

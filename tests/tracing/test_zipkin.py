@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -41,14 +41,6 @@ async def zipkin() -> AsyncIterator[tuple[str, list[dict[str, Any]]]]:
     host, port = runner.addresses[0][:2]
     yield f"http://{host}:{port}/api/v2/spans", received
     await runner.cleanup()
-
-
-@pytest.fixture
-def built() -> Iterator[list[Tracing]]:
-    made: list[Tracing] = []
-    yield made
-    for tracing in made:
-        tracing.shutdown()
 
 
 async def test_spans_reach_zipkin_when_the_environment_names_it(
