@@ -13,17 +13,26 @@ from wirework.brokers.sqlite import SqliteBroker
 
 @dataclass(frozen=True)
 class Transactions:
-    """Transactions a broker's writer committed, and the operations they held."""
+    """Transactions a broker's writer committed, and the operations they held.
+
+    ``synced`` counts the writing ones committed at the file's own level (with an
+    fsync under strict): a floor pays for as many fsyncs as the broker did, no more.
+    """
 
     commits: int = 0
     operations: int = 0
+    synced: int = 0
 
     @classmethod
     def of(cls, broker: SqliteBroker) -> Transactions:
-        return cls(*broker.commit_counts)
+        return cls(*broker.commit_counts, broker.synced_commits)
 
     def __sub__(self, earlier: Transactions) -> Transactions:
-        return Transactions(self.commits - earlier.commits, self.operations - earlier.operations)
+        return Transactions(
+            self.commits - earlier.commits,
+            self.operations - earlier.operations,
+            self.synced - earlier.synced,
+        )
 
     @property
     def per_commit(self) -> float:

@@ -151,6 +151,11 @@ class Spread:
         return self.publisher.commits + sum(int(done["commits"]) for done in self.workers)
 
     @property
+    def synced(self) -> int:
+        """Synced transactions, the publisher's and the consumer processes'."""
+        return self.publisher.synced + sum(int(done["synced"]) for done in self.workers)
+
+    @property
     def claims(self) -> int:
         """Worker operations that were not acks: their claims (empty ones included)."""
         return sum(int(done["operations"]) for done in self.workers) - self.messages

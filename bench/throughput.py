@@ -29,20 +29,31 @@ def floor_rate(
     count: int,
     claims: int,
     commits: int,
+    synced: int | None,
     publish: bool = True,
 ) -> tuple[float, str]:
-    """The floor's msg/s for a run that made ``claims`` claims in ``commits`` transactions."""
+    """The floor's msg/s for a run that made ``claims`` claims in ``commits`` transactions.
+
+    ``synced``: how many of them the broker synced, for the floor to sync as many
+    under strict (None: every floor transaction holding a publish is synced).
+    """
     claim_size = max(1, round(count / max(1, claims)))
     connection = floor.FloorDb(db, durability=durability, message=message)
     try:
         rate = floor.throughput(
-            connection, count=count, claim_size=claim_size, commits=commits, publish=publish
+            connection,
+            count=count,
+            claim_size=claim_size,
+            commits=commits,
+            publish=publish,
+            synced=synced,
         )
+        fsyncs = f", {connection.synced:,} of them synced" if connection.strict else ""
     finally:
         connection.close()
     what = "publish, " if publish else ""
     rows = "1 row" if claim_size == 1 else f"{claim_size} rows"
-    return rate, f"floor: {what}claims of {rows}, ack; {commits:,} commits"
+    return rate, f"floor: {what}claims of {rows}, ack; {commits:,} commits{fsyncs}"
 
 
 def per_message(seconds: float, messages: int) -> str:
@@ -111,6 +122,7 @@ def _in_process(sizes: Sizes, cases: Sequence[Case]) -> list[Figure]:
                     count=run.messages,
                     claims=claims,
                     commits=run.transactions.commits,
+                    synced=run.transactions.synced,
                 )
             return (
                 run.rate,
@@ -167,6 +179,7 @@ def processes(sizes: Sizes) -> list[Figure]:
                     count=run.messages,
                     claims=run.claims,
                     commits=run.commits,
+                    synced=run.synced,
                 )
             handled = [int(done["handled"]) for done in run.workers]
             cpu = [
@@ -218,6 +231,7 @@ def backlog(sizes: Sizes) -> list[Figure]:
             count=run.messages,
             claims=run.claims,
             commits=int(run.done["commits"]),
+            synced=None,  # fast: nothing is synced at commit on either side
             publish=False,
         )
     cpu = per_message(float(run.done["cpu_seconds"]), run.messages)

@@ -66,6 +66,7 @@ async def run(db: Path, *, durability: str, consumers: int, report_seen: bool) -
             handled=sum(consumer.stats.handled for consumer in running),
             commits=spent.commits,
             operations=spent.operations,
+            synced=spent.synced,
             cpu_seconds=probe.process_cpu() - cpu,
         )
 
