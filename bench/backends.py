@@ -3,12 +3,15 @@
 Per server and producer shape, three sides do the same work in turn, each on
 a fresh topic or queue of the run's namespace, publisher and consumer in this
 process: wirework (``broker.publish`` and a ``Consumer``), the raw client
-(``bench.raw_clients``) and FastStream (``bench.faststream_peer``).
+(``bench.raw_clients``) and FastStream (``bench.faststream_peer``). Which side
+goes first moves on by one with every run (across cases and servers too), so
+no side always runs first; with ``--repeat`` each figure is the median run's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Callable, Sequence
 
 from bench import faststream_peer, raw_clients
@@ -118,7 +121,8 @@ SIDE_NOTES = {
 def describe() -> list[str]:
     return [
         f"server backends: per server and producer shape, wirework, the raw client and "
-        f"FastStream in turn, each on a fresh topic/queue of the run's namespace; consumer "
+        f"FastStream in turn (the first side rotating run by run), each on a fresh "
+        f"topic/queue of the run's namespace; consumer "
         f"concurrency {CONCURRENCY}, prefetch {PREFETCH}, a handler that parses the body "
         f"into the same pydantic model (wirework's Consumer also decodes the CloudEvent); "
         f"publisher and consumer in this process; FastStream with logger=None (no "
@@ -128,6 +132,17 @@ def describe() -> list[str]:
         "(persistence off on this machine), RabbitMQ durable quorum queues with persistent "
         "messages and publisher confirms, NATS file-stored streams with interest retention",
     ]
+
+
+SIDE_NAMES = ("wirework", "raw", "FastStream")
+
+
+def _order(first: int) -> list[int]:
+    """The sides' order in one run, starting at side ``first`` (mod 3): over consecutive
+    runs each side goes first, second and third in turn, so whatever the first run of a
+    case pays (a cold server, a JIT-less warm-up of the client) is not always one side's."""
+    count = len(SIDE_NAMES)
+    return [(first + step) % count for step in range(count)]
 
 
 def _measure(
@@ -148,6 +163,7 @@ def throughputs(sizes: Sizes) -> list[Figure]:
     messages = make_messages(sizes.backend_messages)
     found: list[Figure] = []
     letters = iter("abcdef")
+    turns = itertools.count()  # which side goes first: the next one each run, all servers
     for name, server in SERVERS.items():
         keys = [f"9{next(letters)}" for _ in PRODUCERS]
         if name not in sizes.servers:
@@ -163,13 +179,16 @@ def throughputs(sizes: Sizes) -> list[Figure]:
                 run = "serial" if shape == "serial" else "window"
                 # A fresh topic per repeat: the same messages again on one NATS stream
                 # would be dropped by its duplicate window (Nats-Msg-Id) as repeats.
-                runs = [
-                    [
-                        _measure(factory, server, namespace, f"{run}{repeat}", messages, producer)
-                        for factory in SIDES[name]
-                    ]
-                    for repeat in range(sizes.repeat)
-                ]
+                runs = []
+                for repeat in range(sizes.repeat):
+                    first = next(turns)
+                    results: dict[int, Throughput] = {}
+                    for side in _order(first):
+                        factory = SIDES[name][side]
+                        results[side] = _measure(
+                            factory, server, namespace, f"{run}{repeat}", messages, producer
+                        )
+                    runs.append([results[side] for side in range(len(SIDE_NAMES))])
                 found.append(_figure(key, server, shape, runs))
                 progress(found[-1])
         finally:
@@ -188,7 +207,10 @@ def _figure(key: str, server: Server, shape: str, runs: list[list[Throughput]]) 
     ]
     if len(runs) > 1:
         spread = ", ".join(f"{r[0].rate:,.0f}/{r[1].rate:,.0f}/{r[2].rate:,.0f}" for r in runs)
-        notes.append(f"median of {len(runs)} runs (wirework/raw/FastStream msg/s: {spread})")
+        notes.append(
+            f"median of {len(runs)} runs, the first side rotating from run to run "
+            f"(wirework/raw/FastStream msg/s: {spread})"
+        )
     if shape == "serial":
         notes = [*SIDE_NOTES[server.name], *notes]
     count = middle[0].messages

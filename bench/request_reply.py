@@ -2,7 +2,8 @@
 
 8: memory:// and SQLite, responder and caller in this process, on one broker.
 10: each server backend, the responder in a ``bench.responder`` child, beside
-the hand-written round trip of the server's raw client (``bench.raw_rpc``).
+the hand-written round trip of the server's raw client doing the same work
+(``bench.raw_rpc``; the target) and a lighter raw round trip (reference only).
 On the servers the reply comes back through the caller's direct inbox
 (``wirework.brokers.base.DirectReplies``), as the raw clients' do.
 
@@ -149,24 +150,77 @@ async def responder(side: str, server: Server, namespace: str) -> AsyncIterator[
         await child.close()
 
 
-async def across(server: Server, namespace: str, sizes: Sizes, side: str) -> tuple[RoundTrips, ...]:
+async def across(
+    server: Server, namespace: str, requests: int, concurrent: int, side: str
+) -> tuple[RoundTrips, RoundTrips]:
     """One side's round trips on ``server``, its responder in a child process."""
     async with responder(side, server, namespace) as child:
         if side == "wirework":
             async with server.broker(namespace) as broker, wirework_caller(broker) as call:
-                result = await measure(call, sizes)
+                result = await one_by_one(call, requests), await in_flight(call, concurrent)
         else:
-            async with raw_rpc.CALLERS[server.name](server.url, namespace) as call:
-                result = await measure(call, sizes)
+            callers = raw_rpc.LIGHT_CALLERS if side == "light" else raw_rpc.CALLERS
+            async with callers[server.name](server.url, namespace) as call:
+                result = await one_by_one(call, requests), await in_flight(call, concurrent)
         done = await child.stop()
-    expected = sizes.requests + sizes.concurrent_requests + 5
+    expected = requests + concurrent + 5
     if int(done["answered"]) < expected:
         raise RuntimeError(f"the {side} responder answered {done['answered']} of {expected}")
     return result
 
 
+#: Rounds each side's requests are split into, at least: the sides take turns going first.
+MIN_ROUNDS = 2
+
+
+def pooled(results: list[tuple[RoundTrips, RoundTrips]]) -> tuple[RoundTrips, RoundTrips]:
+    """The rounds of one side as if they were one run: all samples, all seconds."""
+    return (
+        RoundTrips(
+            [x for one, _ in results for x in one.samples], sum(r[0].seconds for r in results)
+        ),
+        RoundTrips(
+            [x for _, many in results for x in many.samples], sum(r[1].seconds for r in results)
+        ),
+    )
+
+
+def rounds_of(server: Server, sizes: Sizes, first: int) -> dict[str, tuple[RoundTrips, RoundTrips]]:
+    """Every side's round trips on ``server``, interleaved: the requests of each side are
+    split into rounds, and the side that goes first moves on by one every round, so no
+    side always runs first (on a cold server, or right after another side's load)."""
+    sides = ["wirework", "raw", *(["light"] if server.name in raw_rpc.LIGHT_CALLERS else [])]
+    rounds = max(MIN_ROUNDS, sizes.repeat)
+    found: dict[str, list[tuple[RoundTrips, RoundTrips]]] = {side: [] for side in sides}
+    namespace = new_namespace()
+    print(f"  {server.label}: namespace {namespace}, {rounds} rounds", flush=True)
+    try:
+        for number in range(rounds):
+            shift = (first + number) % len(sides)
+            for side in sides[shift:] + sides[:shift]:
+                trips = asyncio.run(
+                    across(
+                        server,
+                        namespace,
+                        max(1, sizes.requests // rounds),
+                        max(IN_FLIGHT, sizes.concurrent_requests // rounds),
+                        side,
+                    )
+                )
+                found[side].append(trips)
+    finally:
+        asyncio.run(purge(server, namespace))
+    return {side: pooled(results) for side, results in found.items()}
+
+
+def _stats(trips: tuple[RoundTrips, RoundTrips]) -> list[float]:
+    one, many = trips
+    return [1000 * one.p50, 1000 * one.p99, 1000 * many.p50, 1000 * many.p99, many.rate]
+
+
 def servers(sizes: Sizes) -> list[Figure]:
-    """Workload 10: each server backend, responder in another process, beside the raw client."""
+    """Workload 10: each server backend, responder in another process, beside the raw client
+    doing the same work (the target) and, where there is one, a lighter raw reference."""
     found: list[Figure] = []
     for index, name in enumerate(SERVERS):
         server = SERVERS[name]
@@ -176,36 +230,51 @@ def servers(sizes: Sizes) -> list[Figure]:
         if reason is not None:
             print(f"  skipped {server.label}: {reason}", flush=True)
             continue
-        namespace = new_namespace()
-        print(f"  {server.label}: namespace {namespace}", flush=True)
-        try:
-            wirework = asyncio.run(across(server, namespace, sizes, "wirework"))
-            raw = asyncio.run(across(server, namespace, sizes, "raw"))
-        finally:
-            asyncio.run(purge(server, namespace))
+        sides = rounds_of(server, sizes, index)
         letters = iter("abcdefghijklmno"[index * 5 : index * 5 + 5])
-        case = figures(letters, server.label, (wirework[0], wirework[1]))
-        references = [raw[0].p50, raw[0].p99, raw[1].p50, raw[1].p99]
-        for figure, reference in zip(
-            case, [*(1000 * r for r in references), raw[1].rate], strict=True
-        ):
+        wirework = sides["wirework"]
+        case = figures(letters, server.label, wirework)
+        light = _stats(sides["light"]) if "light" in sides else [None] * 5
+        for figure, reference, lighter in zip(case, _stats(sides["raw"]), light, strict=True):
             figure.key = f"10{figure.key}"
             figure.floor = reference
             figure.floor_name = "raw"
+            figure.peer = lighter
+            figure.peer_name = "lighter raw"
         case[0].max_ratio = MAX_RAW_RATIO
-        case[0].notes = [RAW_SIDES[name]]
+        case[0].notes = [RAW_SIDES[name], *([LIGHT_SIDES[name]] if name in LIGHT_SIDES else [])]
         for figure in case:
             progress(figure)
         found += case
     if found:
-        found[0].notes = [*describe(sizes), "responder in a child process", *found[0].notes]
+        found[0].notes = [
+            *describe(sizes),
+            f"responder in a child process; each side's requests split into at least "
+            f"{MIN_ROUNDS} rounds, the first side rotating round by round; percentiles over "
+            f"all rounds' samples",
+            "raw = the server's client doing the same work (the target); lighter raw = a "
+            "cheaper round trip than wirework promises, for reference only (peer column)",
+            *found[0].notes,
+        ]
     return found
 
 
 RAW_SIDES = {
-    "redis": "raw: redis-py XADD to a request stream, the responder's blocking XREAD, XADD to "
-    "the caller's reply stream, the caller's blocking XREAD (no group, no acks)",
-    "rabbitmq": "raw: aio-pika, request persistent + confirmed into a durable quorum queue, "
-    "consumed with manual ack, answered through direct reply-to (not persisted)",
-    "nats": "raw: nats-py core request-reply (nc.request / msg.respond), nothing stored",
+    "redis": "raw (same work): redis-py XADD to the request stream; the responder reads it in "
+    "a consumer group (blocking XREADGROUP), XADDs the answer to the caller's reply stream "
+    "(NOMKSTREAM, capped), then XACKs; the caller's blocking XREAD on its reply stream",
+    "rabbitmq": "raw (same work): aio-pika, request persistent, mandatory + confirmed through a "
+    "durable direct exchange into a durable quorum queue, consumed with basic.qos 32 and "
+    "manual ack, answered through direct reply-to (not persisted)",
+    "nats": "raw (same work): nats-py js.publish with Nats-Msg-Id, awaiting the PubAck (file "
+    "stream, interest retention); the responder's durable pull consumer (long-poll pulls, "
+    "batch = free prefetch), explicit msg.ack(); the answer a core publish to the caller's "
+    "inbox subject",
+}
+
+LIGHT_SIDES = {
+    "redis": "lighter raw (reference only): XREAD, no group: the responder's plain blocking "
+    "XREAD of the request stream, no consumer group, no ack",
+    "nats": "lighter raw (reference only): core NATS, nothing stored: nc.request / msg.respond, "
+    "no JetStream",
 }

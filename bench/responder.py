@@ -2,9 +2,12 @@
 
 ``--side wirework`` runs a ``Service`` with one ``@svc.respond`` handler on the
 server backend, in the run's namespace; ``--side raw`` runs the hand-written
-responder of ``bench.raw_rpc``. It talks to its parent as ``bench.worker``
-does: ``{"event": "ready"}`` once it answers requests, then ``stop`` (or the
-end of stdin) ends it with ``{"event": "done", "answered": n}``.
+responder of ``bench.raw_rpc`` that does the same work (request stored,
+consumed in a group, acked), ``--side light`` its lighter reference (Redis:
+no group, no ack; NATS: core request-reply, nothing stored). It talks to its
+parent as ``bench.worker`` does: ``{"event": "ready"}`` once it answers
+requests, then ``stop`` (or the end of stdin) ends it with ``{"event":
+"done", "answered": n}``.
 """
 
 from __future__ import annotations
@@ -37,8 +40,9 @@ async def wirework(server: Server, namespace: str) -> int:
     return answered
 
 
-async def raw(server: Server, namespace: str) -> int:
-    async with raw_rpc.RESPONDERS[server.name](server.url, namespace) as answered:
+async def raw(server: Server, namespace: str, *, light: bool = False) -> int:
+    responders = raw_rpc.LIGHT_RESPONDERS if light else raw_rpc.RESPONDERS
+    async with responders[server.name](server.url, namespace) as answered:
         emit(event="ready")
         await read_command()
         return answered()
@@ -46,12 +50,15 @@ async def raw(server: Server, namespace: str) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.responder", description=__doc__)
-    parser.add_argument("--side", choices=("wirework", "raw"), required=True)
+    parser.add_argument("--side", choices=("wirework", "raw", "light"), required=True)
     parser.add_argument("--server", choices=sorted(SERVERS), required=True)
     parser.add_argument("--namespace", required=True)
     args = parser.parse_args()
-    serve = wirework if args.side == "wirework" else raw
-    answered = asyncio.run(serve(SERVERS[args.server], args.namespace))
+    server = SERVERS[args.server]
+    if args.side == "wirework":
+        answered = asyncio.run(wirework(server, args.namespace))
+    else:
+        answered = asyncio.run(raw(server, args.namespace, light=args.side == "light"))
     emit(event="done", answered=answered)
 
 
