@@ -16,7 +16,11 @@ scripts build on top, each step one atomic script (``redis_scripts``):
 * dead letters: one stream per namespace, listed, read and replayed by id;
 * the PEL's delivery count is the attempt number, and a settle names the
   attempt it settles, so a stale settle (lease ran out, message taken again)
-  changes nothing.
+  changes nothing;
+* wake-ups: an idle subscription waits on pub/sub, and while it is registered
+  as idle a publish does its fetch and sends the message in the wake-up (the
+  hand-over, ``redis_scripts``): one round trip less on the way to a quiet
+  consumer, such as a responder between requests.
 
 Durability, stated loudly: Redis acknowledges a write once it is in memory.
 What survives a crash is what the server's persistence kept (RELIABILITY.md
@@ -104,6 +108,16 @@ class _Held:
         self.consumer = uuid.uuid4().hex
         self.deliveries: set[RedisDelivery] = set()
         self.room = asyncio.Event()
+        self.handed: list[bytes] = []
+        """Rows a publish handed over (``redis_scripts``: hand-over), not yet taken."""
+        self.seen = 0
+        """Messages handed over and received so far: a fetch tells the script."""
+        self.losses = 0
+        """The doorbell's ``losses`` at the last fetch: when it grew, the fetch recovers."""
+
+    def receive(self, rows: list[bytes]) -> None:
+        self.handed += rows
+        self.seen += len(rows) // 7
 
     def drop(self, delivery: RedisDelivery) -> None:
         if delivery in self.deliveries:
@@ -317,15 +331,16 @@ class RedisBroker(Broker, DeadLetterStore, Inspectable, GroupAdmin):
         self._check_open()
         held = _Held(subscription.topic, subscription.group)
         self._holding.add(held)
-        wake = self._doorbell.waiter(held.topic)
+        wake = self._doorbell.waiter(held.topic, held.consumer, held.receive)
         backoff = Backoff(
             self.settings.reconnect_initial_backoff, self.settings.reconnect_max_backoff
         )
         waiting: deque[RedisDelivery] = deque()
         joined = False
-        # Set when the last fetch emptied the topic: how long to wait for a wake-up before
-        # the next fetch, once what it took is handed out (it set ``idle:T``: a publish rings).
-        rest: float | None = None
+        # Set when the last fetch emptied the topic: until when to wait for a wake-up before
+        # the next fetch, once what it took is handed out (it set ``idle:T``: a publish rings,
+        # and hands new messages over while the consumer is registered as idle).
+        idle_until: float | None = None
         try:
             while not self._closed:
                 if waiting:
@@ -335,14 +350,23 @@ class RedisBroker(Broker, DeadLetterStore, Inspectable, GroupAdmin):
                     delivery.handed_out = True
                     yield delivery
                     continue
+                if held.handed:
+                    rows, held.handed = held.handed, []
+                    waiting.extend(self._deliveries_of(held, rows))
+                    continue
                 free = subscription.prefetch - len(held.deliveries)
                 if free <= 0:
                     held.room.clear()
                     await self._wait(held.room, None)
                     continue
-                if rest is not None:
-                    pause, rest = rest, None
-                    await self._idle(wake, pause)
+                if idle_until is not None:
+                    pause = idle_until - self._clock.monotonic()
+                    if pause > 0:
+                        await self._idle(wake, pause)
+                    if held.handed and not wake.rung and idle_until > self._clock.monotonic():
+                        wake.clear()  # only a hand-over: take it, and stay idle
+                        continue
+                    idle_until = None
                     continue
                 wake.clear()
                 try:
@@ -370,8 +394,9 @@ class RedisBroker(Broker, DeadLetterStore, Inspectable, GroupAdmin):
                 rest = self.settings.poll_interval
                 if next_ms >= 0:
                     rest = min(rest, next_ms / 1000 + 0.001)
+                idle_until = self._clock.monotonic() + rest
         finally:
-            self._doorbell.forget(held.topic, wake)
+            self._doorbell.forget(held.topic, wake, held.consumer)
             self._holding.discard(held)
             if joined and not self._closed:
                 await asyncio.shield(self._release(held))
@@ -381,7 +406,16 @@ class RedisBroker(Broker, DeadLetterStore, Inspectable, GroupAdmin):
     ) -> tuple[list[RedisDelivery], int, bool]:
         lease_ms = max(1, milliseconds(subscription.lease_timeout))
         args: list[str | bytes | int] = [held.topic, held.group, held.consumer, free, lease_ms]
-        args.append(_SCAN_LIMIT + free)
+        # Registered for hand-overs until a little past its next fetch (``poll_interval``),
+        # if its wake-ups are being listened to; when they may have been lost since the
+        # last fetch, what was handed over and never seen comes again.
+        listening = self._doorbell.listening(held.topic)
+        idle_ms = milliseconds(self.settings.poll_interval + 0.5) if listening else 0
+        recover = held.losses != self._doorbell.losses
+        held.losses = self._doorbell.losses
+        args += [_SCAN_LIMIT + free, held.seen, idle_ms, "1" if recover else "0"]
+        if recover:
+            args += [delivery.member for delivery in held.deliveries]
         reply = await self._link.call(
             scripts.FETCH,
             [self.prefix, *args],
@@ -391,6 +425,10 @@ class RedisBroker(Broker, DeadLetterStore, Inspectable, GroupAdmin):
             timeout=self.settings.publish_timeout,
         )
         next_ms, more, rows = int(reply[0]), bool(reply[1]), reply[2:]
+        return self._deliveries_of(held, rows), next_ms, more
+
+    def _deliveries_of(self, held: _Held, rows: Sequence[Any]) -> list[RedisDelivery]:
+        """Deliveries, now held, from a fetch's rows (or a hand-over's: the same fields)."""
         fetched: list[RedisDelivery] = []
         for i in range(0, len(rows), 7):
             member, attempt, first, headers, body, has_key, key = rows[i : i + 7]
@@ -405,7 +443,7 @@ class RedisBroker(Broker, DeadLetterStore, Inspectable, GroupAdmin):
             )
             held.deliveries.add(delivery)
             fetched.append(delivery)
-        return fetched, next_ms, more
+        return fetched
 
     async def _release(self, held: _Held) -> None:
         """Hand back what ``held`` still holds; if Redis is unreachable, leases run out instead."""

@@ -540,9 +540,53 @@ class Link:
             await self.pool.aclose()
 
 
+class Bell(asyncio.Event):
+    """A subscription's wake-up. ``rung``: set by a ring (look again: fetch), not only by
+    a hand-over (``hand``: what came with it is all there is to take)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rung = False
+
+    def set(self) -> None:
+        self.rung = True
+        super().set()
+
+    def hand(self) -> None:
+        super().set()
+
+    def clear(self) -> None:
+        self.rung = False
+        super().clear()
+
+
+Receiver = Callable[[list[bytes]], None]
+"""Takes the rows a publish handed over to one consumer (7 fields per row, as a fetch's)."""
+
+
+def handovers(payload: bytes) -> Iterator[tuple[str, list[bytes], bool]]:
+    """(consumer, rows, full) per hand-over in a wake-up's payload: netstrings, per
+    consumer its name, its row count, whether its room is used up, then 7 fields per row
+    (``redis_scripts.hand_over``)."""
+    fields: list[bytes] = []
+    at, end = 0, len(payload)
+    while at < end:
+        colon = payload.index(b":", at)
+        size = int(payload[at:colon])
+        fields.append(payload[colon + 1 : colon + 1 + size])
+        at = colon + 1 + size
+    i = 0
+    while i < len(fields):
+        consumer, count, full = fields[i].decode(), int(fields[i + 1]), fields[i + 2] == b"1"
+        rows = fields[i + 3 : i + 3 + 7 * count]
+        i += 3 + 7 * count
+        yield consumer, rows, full
+
+
 class Doorbell:
     """Wakes local subscriptions of a topic: on pub/sub messages from any process, or
-    directly when this process changed the topic.
+    directly when this process changed the topic; and hands each subscription what a
+    publish handed over to its consumer (``redis_scripts``: hand-over).
 
     Pub/sub is at-most-once, so the doorbell only shortens waits: every
     subscription also wakes at its next known due time and at ``poll_interval``.
@@ -552,29 +596,76 @@ class Doorbell:
     def __init__(self, link: Link, prefix: str) -> None:
         self._link = link
         self._prefix = prefix
-        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._waiters: dict[str, set[Bell]] = {}
+        self._receivers: dict[str, tuple[Bell, Receiver]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._listening: set[str] = set()
+        self.losses = 0
+        """Times the listening connection broke: what it was to carry may be lost."""
+
+    def listening(self, topic: str) -> bool:
+        """Whether wake-ups (and hand-overs) of ``topic`` reach this process now."""
+        return self.channel(topic) in self._listening
 
     def channel(self, topic: str) -> str:
         return f"{self._prefix}w:{topic}"
 
-    def waiter(self, topic: str) -> asyncio.Event:
-        event = asyncio.Event()
+    def waiter(
+        self, topic: str, consumer: str | None = None, receive: Receiver | None = None
+    ) -> Bell:
+        """A bell for a subscription of ``topic``; with ``receive``, also what is handed
+        over to ``consumer`` goes to it (``forget`` with the consumer's name stops that)."""
+        event = Bell()
         self._waiters.setdefault(topic, set()).add(event)
+        if consumer is not None and receive is not None:
+            self._receivers[consumer] = (event, receive)
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._listen())
         return event
 
-    def forget(self, topic: str, event: asyncio.Event) -> None:
+    def forget(self, topic: str, event: Bell, consumer: str | None = None) -> None:
         events = self._waiters.get(topic)
         if events is not None:
             events.discard(event)
             if not events:
                 del self._waiters[topic]
+        if consumer is not None:
+            self._receivers.pop(consumer, None)
 
-    def ring(self, topic: str) -> None:
+    def ring(self, topic: str, *, spare: frozenset[Bell] = frozenset()) -> None:
         for event in self._waiters.get(topic, ()):
-            event.set()
+            if event not in spare:
+                event.set()
+
+    def _hand(self, payload: bytes) -> frozenset[Bell]:
+        """Give each hand-over to its subscription; the bells of those that got one (they
+        need no ring for it). A consumer no longer here is skipped: its release hands
+        its copies back (or their leases run out)."""
+        served: set[Bell] = set()
+        for consumer, rows, full in handovers(payload):
+            found = self._receivers.get(consumer)
+            if found is not None:
+                bell, receive = found
+                receive(rows)
+                if full:
+                    bell.set()  # its registration is gone: it fetches (once it has room)
+                else:
+                    bell.hand()
+                served.add(bell)
+        return frozenset(served)
+
+    def _hand_safely(self, payload: bytes | None, channel: str) -> frozenset[Bell]:
+        """``_hand``, but a wake-up this version cannot read is only a ring: the listener
+        must outlive it (another wirework version on the server, a stray PUBLISH), and a
+        copy it carried stays leased to its consumer, who recovers it as after a loss."""
+        if not payload:
+            return frozenset()
+        try:
+            return self._hand(payload)
+        except (ValueError, IndexError, UnicodeDecodeError):
+            log.warning("unreadable wake-up on %s (%d bytes): rung instead", channel, len(payload))
+            self.losses += 1
+            return frozenset()
 
     def ring_all(self) -> None:
         for topic in list(self._waiters):
@@ -587,6 +678,7 @@ class Doorbell:
             try:
                 with translate("listening for wake-ups", self._link.url):
                     held: set[str] = set()
+                    self._listening = held
                     while not self._link.closed:
                         wanted = {self.channel(topic) for topic in self._waiters}
                         if held - wanted:
@@ -608,12 +700,16 @@ class Doorbell:
                         if message is not None and message.get("type") == "message":
                             channel = message["channel"]
                             name = channel.decode() if isinstance(channel, bytes) else channel
-                            self.ring(name.removeprefix(f"{self._prefix}w:"))
+                            spare = self._hand_safely(message.get("data"), name)
+                            self.ring(name.removeprefix(f"{self._prefix}w:"), spare=spare)
             except BrokerError as exc:
+                self._listening = set()
+                self.losses += 1  # hand-overs on their way may be gone with the connection
                 self._link.lost(exc)
                 self.ring_all()
                 await self._link.clock.sleep(backoff.next())
             finally:
+                self._listening = set()
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
 

@@ -1,0 +1,218 @@
+"""The Redis hand-over: a publish gives an idle subscription its message in the wake-up.
+
+An idle subscription registers its consumer; a publish from any process then
+does that consumer's fetch itself and sends what it took over pub/sub, so the
+subscription hands it out without a fetch round trip of its own. Pub/sub is at
+most once: a hand-over sent while the subscriber's listening connection is
+cut is lost on the way, and the subscription must take those copies again as
+soon as it is back, not when their lease runs out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio
+
+from tests.helpers.fault_proxy import FaultProxy
+from tests.helpers.services import require_service
+from wirework.brokers.base import Delivery, Subscription
+from wirework.brokers.redis import RedisBroker, RedisSettings, purge_namespace
+from wirework.brokers.redis_model import key_prefix
+from wirework.envelope import WireMessage
+from wirework.testing.conformance import wait_until
+
+pytestmark = [pytest.mark.ext]
+
+SHARED = ("127.0.0.1", 6379)
+SHARED_URL = "redis://127.0.0.1:6379/0"
+TOPIC = "handover"
+#: Far beyond every wait here: a copy that came back only when its lease ran out fails.
+LEASE = 60.0
+
+
+def open_broker(url: str, namespace: str) -> RedisBroker:
+    return RedisBroker(
+        url,
+        settings=RedisSettings(
+            namespace=namespace,
+            connect_timeout=0.5,
+            command_timeout=2.0,
+            reconnect_initial_backoff=0.02,
+            reconnect_max_backoff=0.25,
+            poll_interval=2.0,
+        ),
+    )
+
+
+def message(n: int) -> WireMessage:
+    headers = {
+        "ce-id": f"m{n}",
+        "ce-source": "tests.handover",
+        "ce-type": "tests.item",
+        "ce-specversion": "1.0",
+    }
+    return WireMessage(headers=headers, body=b'{"n": %d}' % n)
+
+
+@pytest.fixture
+async def namespace() -> AsyncIterator[str]:
+    require_service("Redis", *SHARED)
+    name = f"wwtest-{uuid.uuid4().hex[:12]}"
+    yield name
+    await purge_namespace(SHARED_URL, name)
+
+
+async def registered(client: redis.asyncio.Redis, namespace: str) -> dict[Any, Any]:
+    """Consumers registered for hand-overs on the topic (``ic:T``)."""
+    found: dict[Any, Any] = await client.hgetall(key_prefix(namespace) + "ic:" + TOPIC)
+    return found
+
+
+async def handed(client: redis.asyncio.Redis, namespace: str) -> dict[Any, Any]:
+    """Per consumer, how many messages were handed over to it, and when (``ih:T``)."""
+    found: dict[Any, Any] = await client.hgetall(key_prefix(namespace) + "ih:" + TOPIC)
+    return found
+
+
+async def test_a_publish_hands_the_message_to_an_idle_subscription(namespace: str) -> None:
+    """Published from another broker, the message reaches the idle subscription as a hand-over."""
+    client = redis.asyncio.Redis.from_url(SHARED_URL)
+    subscriber, publisher = open_broker(SHARED_URL, namespace), open_broker(SHARED_URL, namespace)
+    try:
+        deliveries = subscriber.subscribe(Subscription(topic=TOPIC, group="g", lease_timeout=LEASE))
+        await publisher.publish(TOPIC, message(0))
+        first = await anext(deliveries)
+        await first.ack()
+
+        async def is_registered() -> bool:
+            return bool(await registered(client, namespace))
+
+        await wait_until(is_registered, what="the idle subscription registered")
+        await publisher.publish(TOPIC, message(1))
+        second = await anext(deliveries)
+        assert second.message.message_id == "m1"
+        assert [int(v.split()[0]) for v in (await handed(client, namespace)).values()] == [1]
+        await second.ack()
+        await deliveries.aclose()
+        assert await handed(client, namespace) == {}, "the release forgot the consumer"
+    finally:
+        await subscriber.aclose()
+        await publisher.aclose()
+        await client.aclose()
+
+
+async def test_a_hand_over_lost_with_the_connection_comes_again_at_once(namespace: str) -> None:
+    """Handed over while the subscriber's connections are cut, the message is delivered once
+    they are back, long before its lease would run out."""
+    client = redis.asyncio.Redis.from_url(SHARED_URL)
+    async with FaultProxy(*SHARED) as proxy:
+        subscriber = open_broker(f"redis://127.0.0.1:{proxy.port}/0", namespace)
+        publisher = open_broker(SHARED_URL, namespace)
+        try:
+            deliveries = subscriber.subscribe(
+                Subscription(topic=TOPIC, group="g", lease_timeout=LEASE)
+            )
+            await publisher.publish(TOPIC, message(0))
+            await (await anext(deliveries)).ack()
+
+            async def is_registered() -> bool:
+                return bool(await registered(client, namespace))
+
+            await wait_until(is_registered, what="the idle subscription registered")
+            with socket.socket() as closed:  # a port nothing listens on: reconnects refused
+                closed.bind(("127.0.0.1", 0))
+                proxy.upstream = closed.getsockname()
+                proxy.cut()
+                await publisher.publish(TOPIC, message(1))
+            assert [int(v.split()[0]) for v in (await handed(client, namespace)).values()] == [1], (
+                "the publish did not hand the message over: this test proved nothing"
+            )
+            proxy.upstream = SHARED
+            delivery = await wait_for_delivery(deliveries, timeout=10.0)
+            assert delivery.message.message_id == "m1"
+            assert delivery.attempt == 1
+            await delivery.ack()
+            await deliveries.aclose()
+        finally:
+            await subscriber.aclose()
+            await publisher.aclose()
+            await client.aclose()
+
+
+async def wait_for_delivery(deliveries: AsyncIterator[Delivery], *, timeout: float) -> Delivery:
+    async with asyncio.timeout(timeout):
+        return await anext(deliveries)
+
+
+async def test_leaving_hands_back_a_hand_over_never_received(namespace: str) -> None:
+    """A subscription that leaves with a hand-over still lost on the way hands that copy
+    back: another consumer of the group gets it at once, not when its lease runs out."""
+    client = redis.asyncio.Redis.from_url(SHARED_URL)
+    async with FaultProxy(*SHARED) as proxy:
+        subscriber = open_broker(f"redis://127.0.0.1:{proxy.port}/0", namespace)
+        other = open_broker(SHARED_URL, namespace)
+        try:
+            deliveries = subscriber.subscribe(
+                Subscription(topic=TOPIC, group="g", lease_timeout=LEASE)
+            )
+            await other.publish(TOPIC, message(0))
+            await (await anext(deliveries)).ack()
+
+            async def is_registered() -> bool:
+                return bool(await registered(client, namespace))
+
+            await wait_until(is_registered, what="the idle subscription registered")
+            with socket.socket() as closed:
+                closed.bind(("127.0.0.1", 0))
+                proxy.upstream = closed.getsockname()
+                proxy.cut()
+                await other.publish(TOPIC, message(1))
+            assert [int(v.split()[0]) for v in (await handed(client, namespace)).values()] == [1], (
+                "the publish did not hand the message over: this test proved nothing"
+            )
+            proxy.upstream = SHARED
+            await deliveries.aclose()  # it never asked again: the hand-over is unseen
+            taking = other.subscribe(Subscription(topic=TOPIC, group="g", lease_timeout=LEASE))
+            delivery = await wait_for_delivery(taking, timeout=10.0)
+            assert (delivery.message.message_id, delivery.attempt) == ("m1", 1)
+            await delivery.ack()
+            await taking.aclose()
+        finally:
+            await subscriber.aclose()
+            await other.aclose()
+            await client.aclose()
+
+
+async def test_an_unreadable_wake_up_is_only_a_ring(namespace: str) -> None:
+    """A wake-up this version cannot read (a stray PUBLISH, another version's format) does
+    not stop the listener: the next hand-over still arrives at once, not at the next poll."""
+    client = redis.asyncio.Redis.from_url(SHARED_URL)
+    subscriber, publisher = open_broker(SHARED_URL, namespace), open_broker(SHARED_URL, namespace)
+    try:
+        deliveries = subscriber.subscribe(Subscription(topic=TOPIC, group="g", lease_timeout=LEASE))
+        await publisher.publish(TOPIC, message(0))
+        await (await anext(deliveries)).ack()
+
+        async def is_registered() -> bool:
+            return bool(await registered(client, namespace))
+
+        await wait_until(is_registered, what="the idle subscription registered")
+        channel = key_prefix(namespace) + "w:" + TOPIC
+        assert await client.publish(channel, b"not a hand-over") == 1
+        await wait_until(is_registered, what="the subscription registered again after the ring")
+        await publisher.publish(TOPIC, message(1))
+        # Well inside poll_interval (2 s): a dead listener would leave it to the next poll.
+        delivery = await wait_for_delivery(deliveries, timeout=1.5)
+        assert delivery.message.message_id == "m1"
+        await delivery.ack()
+        await deliveries.aclose()
+    finally:
+        await subscriber.aclose()
+        await publisher.aclose()
+        await client.aclose()
