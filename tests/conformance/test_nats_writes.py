@@ -123,6 +123,23 @@ async def test_a_direct_reply_leaves_queued_acks_queued(
         await inbox.aclose()
 
 
+async def test_a_direct_reply_is_written_before_send_reply_returns(broker: NatsBroker) -> None:
+    """A reply goes to the socket in ``send_reply`` itself, not on the flusher's next turn:
+    nothing of it is left pending for whatever the responder does next."""
+    replies = broker.direct_replies()
+    inbox = await replies.open_reply_inbox("test")
+    try:
+        nc = await broker.connection.client()
+        reply = encode_binary(Envelope.new("t.answer", Note(n=1), source="/test"))
+        await replies.send_reply(inbox.address, reply)
+        assert nc._pending == []
+        assert nc._pending_data_size == 0
+        answered = await anext(aiter(inbox))
+        assert answered.body == reply.body
+    finally:
+        await inbox.aclose()
+
+
 _HEADER_BYTES = st.binary(max_size=40) | st.sampled_from(
     [b"ce-id", b" a b ", b"x\x1cy", b"\x1fz", b"name\t", b"caf\xc3\xa9", b"", b":", b"\r"]
 )

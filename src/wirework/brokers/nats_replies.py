@@ -111,7 +111,7 @@ class NatsReplies:
         # Queued acks are not handed over here: behind a reply, they hold it back
         # (nats_client's module docstring).
         with connection.translate(f"replying to {replyto!r}"):
-            await publish_block(client, subject, "", block, message.body)
+            await publish_block(client, subject, "", block, message.body, now=True)
 
 
 class NatsInbox:
