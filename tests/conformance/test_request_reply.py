@@ -131,6 +131,34 @@ async def test_timeouts_fire_on_time_and_leave_nothing_behind(target: Conformanc
         assert await inbox_gone_from_server(target, inbox)
 
 
+async def test_a_cancelled_request_leaves_nothing_and_its_reply_counts_as_late(
+    target: ConformanceTarget,
+) -> None:
+    """Cancelling the task that waits for a reply ends the request at once: nothing stays
+    pending, and the reply that still comes is dropped as late, not handed to anyone."""
+    broker = await target.open()
+    caller = Service("caller", broker=broker)
+    async with responder(broker), caller:
+        waiting = asyncio.create_task(
+            caller.request("ask", Ask(n=1, delay=0.3), returns=Answer, timeout=10)
+        )
+
+        def request_sent() -> bool:
+            return caller.request_stats.sent == 1
+
+        await wait_until(request_sent, what="the request published")
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert caller._running_requester().pending == 0
+
+        def reply_dropped() -> bool:
+            return caller.request_stats.late_replies == 1
+
+        await wait_until(reply_dropped, what="the reply counted as late")
+        assert caller.request_stats.replied == 0
+
+
 async def test_responder_exception_arrives_as_remote_error(target: ConformanceTarget) -> None:
     """A handler exception comes back as RemoteError naming its type, not as a timeout."""
     broker = await target.open()
