@@ -11,7 +11,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from tests.tracing.conftest import (
     BrokerFactory,
@@ -20,6 +20,7 @@ from tests.tracing.conftest import (
     flushed_trace,
 )
 from wirework.consumer import RetryPolicy
+from wirework.envelope import Envelope, decode_wire, encode_binary, encode_structured
 from wirework.errors import RemoteError
 from wirework.service import Context, Service
 from wirework.service.requests import ERROR_EVENT_TYPE
@@ -316,3 +317,23 @@ async def test_removing_the_instrumentation_stops_the_spans(
     assert sent.traceparent is None
     await asyncio.to_thread(tracing.force_flush, 5.0)
     assert tracing.stats()["store"].queued == 0
+
+
+def test_the_envelope_carrying_a_trace_is_the_model_copy_it_replaces() -> None:
+    """``Envelope.carrying`` (the publish middleware's per-message copy) builds by hand
+    what ``model_copy(update=...)`` did: equal, the same fields set, the same wire."""
+    original = Envelope.new(
+        "OrderPlaced", OrderPlaced(order_id="o-1"), source="shop", key="o-1"
+    ).model_copy(update={"extensions": {"sagaid": "s-1"}, "tracestate": "old=1"})
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    for tracestate in ("ww=1", None):
+        carried = original.carrying(traceparent, tracestate)
+        copied = original.model_copy(update={"traceparent": traceparent, "tracestate": tracestate})
+        assert carried == copied
+        assert carried.model_fields_set == copied.model_fields_set
+        assert carried.model_dump(exclude_unset=True) == copied.model_dump(exclude_unset=True)
+        assert encode_binary(carried) == encode_binary(copied)
+        assert decode_wire(encode_structured(carried)) == copied
+    assert (original.traceparent, original.tracestate) == (None, "old=1")  # left as it was
+    with pytest.raises(ValidationError):
+        carried.traceparent = None  # type: ignore[misc]  # still frozen

