@@ -3,6 +3,7 @@ a provider falls back to the SDK's spans as soon as anything but the store liste
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, StatusCode, TraceFlags
 from opentelemetry.trace.span import TraceState
 
+from wirework.errors import ConfigurationError
 from wirework.tracing import SpanRecord, Tracing, configure_tracing
 from wirework.tracing.lean import LeanSpan, LeanTracerProvider
 from wirework.tracing.setup import LEAN_SPANS_ENV
@@ -155,4 +157,40 @@ def test_a_provider_without_the_store_makes_the_sdks_spans() -> None:
     with provider.get_tracer("t").start_as_current_span("one") as span:
         assert isinstance(span, ReadableSpan)
     assert len(exporter.get_finished_spans()) == 1
+    provider.shutdown()
+
+
+def test_queued_lean_spans_are_records_not_spans(
+    built: list[Tracing], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What waits for its batch is a tuple, not the span: the span, its context and its
+    event list go with the handler's frame (lean.py says what that saves)."""
+    monkeypatch.setenv(LEAN_SPANS_ENV, "1")
+    tracing = configure_tracing(
+        "orders",
+        exporters=["store"],
+        store=tmp_path / "spans.db",
+        schedule_delay=60,
+        set_global=False,
+    )
+    built.append(tracing)
+    tracer = tracing.provider.get_tracer("t")
+    for n in range(20):
+        with tracer.start_as_current_span(f"s{n}", attributes={"n": n}) as span:
+            assert isinstance(span, LeanSpan)
+    del span
+    gc.collect()
+    assert tracing.stats()["store"].queued == 20
+    assert not [o for o in gc.get_objects() if isinstance(o, LeanSpan)]
+    assert tracing.force_flush()
+    assert tracing.store is not None
+    assert sorted(
+        s.name for t in tracing.store.recent(20) for s in tracing.store.spans(t.trace_id)
+    ) == sorted(f"s{n}" for n in range(20))
+
+
+def test_a_processor_without_put_cannot_take_lean_spans() -> None:
+    provider = LeanTracerProvider()
+    with pytest.raises(ConfigurationError, match="cannot take lean spans"):
+        provider.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()), lean=True)
     provider.shutdown()

@@ -355,3 +355,38 @@ def test_an_unusable_store_path_fails_at_configuration(
     (tmp_path / "file").write_text("not a folder")
     with pytest.raises(ConfigurationError, match="span store"):
         build(built, store=tmp_path / "file" / "spans.db")
+
+
+def test_the_providers_of_one_span_store_file_share_its_processor(tmp_path: Path) -> None:
+    """One thread and one connection per file in a process; each provider's shutdown
+    exports what is queued and only the last one (a second shutdown not counting)
+    closes the file."""
+    path = tmp_path / "spans.db"
+    options: dict[str, object] = {"exporters": ["store"], "store": path, "set_global": False}
+    orders = configure_tracing("orders", **options)  # type: ignore[arg-type]
+    billing = configure_tracing("billing", **options)  # type: ignore[arg-type]
+    elsewhere = configure_tracing(
+        "other", exporters=["store"], store=tmp_path / "other.db", set_global=False
+    )
+    shared = orders.processors["store"]
+    assert billing.processors["store"] is shared
+    assert billing.store is orders.store
+    assert elsewhere.processors["store"] is not shared
+    with orders.provider.get_tracer("t").start_as_current_span("by orders"):
+        pass
+    orders.shutdown()
+    orders.shutdown()  # counts once: billing keeps its processor
+    with billing.provider.get_tracer("t").start_as_current_span("by billing"):
+        pass
+    assert billing.force_flush()
+    assert billing.store is not None
+    assert sorted(t.root_name for t in billing.store.recent()) == ["by billing", "by orders"]
+    assert shared.stats.exported == 2
+    billing.shutdown()
+    with billing.provider.get_tracer("t").start_as_current_span("after the last shutdown"):
+        pass
+    assert shared.stats.dropped == 1  # closed now
+    again = configure_tracing("orders", **options)  # type: ignore[arg-type]
+    assert again.processors["store"] is not shared  # a closed processor is not shared
+    again.shutdown()
+    elsewhere.shutdown()

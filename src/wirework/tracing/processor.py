@@ -23,6 +23,7 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import TraceFlags
 
 from wirework.errors import ConfigurationError
+from wirework.tracing.lean import EndedSpan
 
 log = logging.getLogger("wirework.tracing")
 
@@ -69,13 +70,14 @@ class BatchProcessor(SpanProcessor):
         self._max_queue = max_queue_size
         self._max_batch = min(max_batch_size, max_queue_size)
         self._delay = schedule_delay
-        self._queue: deque[ReadableSpan] = deque()
+        self._queue: deque[ReadableSpan | EndedSpan] = deque()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._progress = threading.Condition(self._lock)
         self._handled = 0  # spans taken off the queue and exported (or failed)
         self._flushing = 0
         self._closed = False
+        self._users = 1  # providers that shut this down; the last one closes it
         self._thread = self._start_thread()
         if hasattr(os, "register_at_fork"):
             # A forked worker has no exporting thread: give it one and a clean queue.
@@ -108,13 +110,17 @@ class BatchProcessor(SpanProcessor):
         context = span.context
         if context is None or not context[3] & TraceFlags.SAMPLED:
             return
+        self.put(span)
+
+    def put(self, ended: ReadableSpan | EndedSpan) -> None:
+        """Queue a span for export, sampled already: a ``LeanSpan`` ends into this."""
         queue = self._queue
         with self._lock:
             waiting = len(queue)
             if waiting >= self._max_queue or self._closed:
                 self.stats.dropped += 1
                 return
-            queue.append(span)
+            queue.append(ended)
             self.stats.queued += 1
             if waiting + 1 >= self._max_batch:
                 self._wake.notify()
@@ -136,12 +142,29 @@ class BatchProcessor(SpanProcessor):
             finally:
                 self._flushing -= 1
 
+    def share(self) -> bool:
+        """One more provider hands its spans here (False: closed, make another).
+
+        Each provider's ``shutdown`` shuts this processor down; shared, each but
+        the last only exports what is queued, and the last one closes it.
+        """
+        with self._lock:
+            if self._closed:
+                return False
+            self._users += 1
+            return True
+
     def shutdown(self) -> None:
-        """Export what is queued (up to 30 s), stop the thread and shut the exporter down."""
+        """Export what is queued (up to 30 s); then, unless another provider still
+        uses this processor (``share``), stop the thread and shut the exporter down."""
         with self._lock:
             if self._closed:
                 return
+            self._users -= 1
+            last = self._users <= 0
         self.force_flush()
+        if not last:
+            return
         with self._lock:
             self._closed = True
             self._wake.notify()
@@ -165,9 +188,10 @@ class BatchProcessor(SpanProcessor):
                 self._handled += len(batch)
                 self._progress.notify_all()
 
-    def _export(self, batch: list[ReadableSpan]) -> None:
+    def _export(self, batch: list[ReadableSpan | EndedSpan]) -> None:
         try:
-            result = self.exporter.export(batch)
+            # EndedSpan-s are put only by lean providers, whose one exporter is the store's.
+            result = self.exporter.export(batch)  # type: ignore[arg-type]
         except Exception:
             log.exception("span exporter %s failed", type(self.exporter).__name__)
             result = SpanExportResult.FAILURE
