@@ -176,7 +176,18 @@ async def test_leaving_hands_back_a_hand_over_never_received(namespace: str) -> 
             assert [int(v.split()[0]) for v in (await handed(client, namespace)).values()] == [1], (
                 "the publish did not hand the message over: this test proved nothing"
             )
+
+            def link_down() -> bool:
+                return not subscriber._link.up.is_set()
+
+            def link_up() -> bool:
+                return subscriber._link.up.is_set()
+
+            # Leaving hands back over the subscriber's own link; while that is down (the
+            # cut noticed, the reconnect not yet made), leases run out instead, by design.
+            await wait_until(link_down, what="the subscriber noticed the cut")
             proxy.upstream = SHARED
+            await wait_until(link_up, what="the subscriber reconnected")
             await deliveries.aclose()  # it never asked again: the hand-over is unseen
             taking = other.subscribe(Subscription(topic=TOPIC, group="g", lease_timeout=LEASE))
             delivery = await wait_for_delivery(taking, timeout=10.0)
