@@ -105,7 +105,8 @@ def preamble(sizes: Sizes, quick: bool, suites: list[str]) -> str:
             "floor: the same SQL per message with plain sqlite3 in one thread (publish: group "
             "lookup + message INSERT + delivery INSERT; claim: claim SELECT + per row lease "
             "UPDATE + body SELECT; ack: delivery DELETE + refs UPDATE + message DELETE), same "
-            "pragmas, claims of the broker's average size, as many commits as the broker made",
+            "pragmas, claims of the broker's average size, as many commits as the broker made "
+            "(under strict, as many of them synced)",
         ]
     if "backends" in suites:
         found = asyncio.run(server_versions())
