@@ -411,8 +411,8 @@ class RedisBroker(Broker, DeadLetterStore, Inspectable, GroupAdmin):
         # last fetch, what was handed over and never seen comes again.
         listening = self._doorbell.listening(held.topic)
         idle_ms = milliseconds(self.settings.poll_interval + 0.5) if listening else 0
-        recover = held.losses != self._doorbell.losses
-        held.losses = self._doorbell.losses
+        losses = self._doorbell.losses
+        recover = held.losses != losses
         args += [_SCAN_LIMIT + free, held.seen, idle_ms, "1" if recover else "0"]
         if recover:
             args += [delivery.member for delivery in held.deliveries]
@@ -424,6 +424,9 @@ class RedisBroker(Broker, DeadLetterStore, Inspectable, GroupAdmin):
             wait=False,
             timeout=self.settings.publish_timeout,
         )
+        # Only a fetch that ran has recovered: one that failed (the link cut with the
+        # listener's) leaves the recovery to the next, after the reconnect.
+        held.losses = losses
         next_ms, more, rows = int(reply[0]), bool(reply[1]), reply[2:]
         return self._deliveries_of(held, rows), next_ms, more
 
