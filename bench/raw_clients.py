@@ -228,6 +228,31 @@ class RawRabbit:
             await self.connection.close()
 
 
+async def declare_js_group(js: Any, stream: str, subject: str, group: str = GROUP) -> None:
+    """What wirework declares for a topic and its group, by hand: a file stream with
+    interest retention and a 120 s duplicate window, and a durable pull consumer with
+    explicit acks (shared by the throughput and the request-reply baselines)."""
+    from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType
+
+    await js.add_stream(
+        name=stream,
+        subjects=[subject],
+        retention=RetentionPolicy.INTEREST,
+        storage=StorageType.FILE,
+        duplicate_window=120.0,
+    )
+    await js.add_consumer(
+        stream,
+        ConsumerConfig(
+            durable_name=group,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=30.0,
+            max_ack_pending=-1,
+        ),
+    )
+
+
 class RawNats:
     """nats-py JetStream: PubAck-awaited publishes, a durable pull consumer, msg.ack()."""
 
@@ -241,33 +266,10 @@ class RawNats:
 
     async def start(self, counter: Counter) -> None:
         import nats
-        from nats.js.api import (
-            AckPolicy,
-            ConsumerConfig,
-            DeliverPolicy,
-            RetentionPolicy,
-            StorageType,
-        )
 
         self.client = await nats.connect(self.url)
         self.js = self.client.jetstream()
-        await self.js.add_stream(
-            name=self.stream,
-            subjects=[self.subject],
-            retention=RetentionPolicy.INTEREST,
-            storage=StorageType.FILE,
-            duplicate_window=120.0,
-        )
-        await self.js.add_consumer(
-            self.stream,
-            ConsumerConfig(
-                durable_name=GROUP,
-                ack_policy=AckPolicy.EXPLICIT,
-                deliver_policy=DeliverPolicy.ALL,
-                ack_wait=30.0,
-                max_ack_pending=-1,
-            ),
-        )
+        await declare_js_group(self.js, self.stream, self.subject)
         subscription = await self.js.pull_subscribe_bind(durable=GROUP, stream=self.stream)
 
         async def fetch(room: int) -> list[Any]:

@@ -47,6 +47,7 @@ from typing import Any
 
 from bench.flow import SUBJECT, Answer, Ask, Call
 from bench.payload import CONCURRENCY, PREFETCH
+from bench.raw_clients import declare_js_group
 from bench.servers import nats_stream, redis_key
 
 Answered = Callable[[], int]
@@ -395,30 +396,13 @@ class _Puller:
 @contextlib.asynccontextmanager
 async def nats_responder(url: str, namespace: str) -> AsyncIterator[Answered]:
     import nats
-    from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, RetentionPolicy, StorageType
 
     client = await nats.connect(url)
     js = client.jetstream()
     stream, subject = _nats_names(namespace)
     handlers = Handlers()
     try:
-        await js.add_stream(
-            name=stream,
-            subjects=[subject],
-            retention=RetentionPolicy.INTEREST,
-            storage=StorageType.FILE,
-            duplicate_window=120.0,
-        )
-        await js.add_consumer(
-            stream,
-            ConsumerConfig(
-                durable_name=GROUP,
-                ack_policy=AckPolicy.EXPLICIT,
-                deliver_policy=DeliverPolicy.ALL,
-                ack_wait=30.0,
-                max_ack_pending=-1,
-            ),
-        )
+        await declare_js_group(js, stream, subject, GROUP)
         puller = _Puller(client, stream, handlers)
 
         async def answer(msg: Any) -> None:

@@ -11,9 +11,10 @@ soon as it is back, not when their lease runs out.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -80,20 +81,76 @@ async def handed(client: redis.asyncio.Redis, namespace: str) -> dict[Any, Any]:
     return found
 
 
+async def until_registered(client: redis.asyncio.Redis, namespace: str) -> None:
+    """Wait until a subscription of the topic is registered for hand-overs."""
+
+    async def is_registered() -> bool:
+        return bool(await registered(client, namespace))
+
+    await wait_until(is_registered, what="the idle subscription registered")
+
+
+async def go_idle(
+    deliveries: AsyncIterator[Delivery],
+    publisher: RedisBroker,
+    client: redis.asyncio.Redis,
+    namespace: str,
+) -> None:
+    """One message through, so the subscription has fetched, emptied the topic and gone
+    idle, registered for hand-overs."""
+    await publisher.publish(TOPIC, message(0))
+    await (await anext(deliveries)).ack()
+    await until_registered(client, namespace)
+
+
+@contextlib.asynccontextmanager
+async def behind_a_proxy(
+    namespace: str,
+) -> AsyncIterator[tuple[FaultProxy, RedisBroker, RedisBroker, redis.asyncio.Redis]]:
+    """(proxy, subscriber reaching Redis through it, publisher reaching it directly, client)."""
+    client = redis.asyncio.Redis.from_url(SHARED_URL)
+    async with FaultProxy(*SHARED) as proxy:
+        subscriber = open_broker(f"redis://127.0.0.1:{proxy.port}/0", namespace)
+        publisher = open_broker(SHARED_URL, namespace)
+        try:
+            yield proxy, subscriber, publisher, client
+        finally:
+            await subscriber.aclose()
+            await publisher.aclose()
+            await client.aclose()
+
+
+@contextlib.contextmanager
+def cut_and_refused(proxy: FaultProxy) -> Iterator[None]:
+    """Cut the proxy's connections and point it at a port nothing listens on, so
+    reconnects are refused until the test points it back (``proxy.upstream``)."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        proxy.upstream = closed.getsockname()
+        proxy.cut()
+        yield
+
+
+async def assert_handed_over_once(client: redis.asyncio.Redis, namespace: str) -> None:
+    counts = [int(v.split()[0]) for v in (await handed(client, namespace)).values()]
+    assert counts == [1], "the publish did not hand the message over: this test proved nothing"
+
+
+def link_down(broker: RedisBroker) -> Callable[[], bool]:
+    return lambda: not broker._link.up.is_set()
+
+
+def link_up(broker: RedisBroker) -> Callable[[], bool]:
+    return lambda: broker._link.up.is_set()
+
+
 async def test_a_publish_hands_the_message_to_an_idle_subscription(namespace: str) -> None:
     """Published from another broker, the message reaches the idle subscription as a hand-over."""
     client = redis.asyncio.Redis.from_url(SHARED_URL)
     subscriber, publisher = open_broker(SHARED_URL, namespace), open_broker(SHARED_URL, namespace)
     try:
         deliveries = subscriber.subscribe(Subscription(topic=TOPIC, group="g", lease_timeout=LEASE))
-        await publisher.publish(TOPIC, message(0))
-        first = await anext(deliveries)
-        await first.ack()
-
-        async def is_registered() -> bool:
-            return bool(await registered(client, namespace))
-
-        await wait_until(is_registered, what="the idle subscription registered")
+        await go_idle(deliveries, publisher, client, namespace)
         await publisher.publish(TOPIC, message(1))
         second = await anext(deliveries)
         assert second.message.message_id == "m1"
@@ -115,45 +172,20 @@ async def test_a_hand_over_lost_with_the_connection_comes_again_at_once(
     they are back, long before its lease would run out. ``cut-noticed``: the publish comes
     after the subscriber saw the cut, so its first fetch after the loss fails; the
     recovery must wait for one that runs (a fresh-clone run lost the copy so)."""
-    client = redis.asyncio.Redis.from_url(SHARED_URL)
-    async with FaultProxy(*SHARED) as proxy:
-        subscriber = open_broker(f"redis://127.0.0.1:{proxy.port}/0", namespace)
-        publisher = open_broker(SHARED_URL, namespace)
-        try:
-            deliveries = subscriber.subscribe(
-                Subscription(topic=TOPIC, group="g", lease_timeout=LEASE)
-            )
-            await publisher.publish(TOPIC, message(0))
-            await (await anext(deliveries)).ack()
-
-            async def is_registered() -> bool:
-                return bool(await registered(client, namespace))
-
-            await wait_until(is_registered, what="the idle subscription registered")
-            with socket.socket() as closed:  # a port nothing listens on: reconnects refused
-                closed.bind(("127.0.0.1", 0))
-                proxy.upstream = closed.getsockname()
-                proxy.cut()
-                if noticed:
-
-                    def link_down() -> bool:
-                        return not subscriber._link.up.is_set()
-
-                    await wait_until(link_down, what="the subscriber noticed the cut")
-                await publisher.publish(TOPIC, message(1))
-            assert [int(v.split()[0]) for v in (await handed(client, namespace)).values()] == [1], (
-                "the publish did not hand the message over: this test proved nothing"
-            )
-            proxy.upstream = SHARED
-            delivery = await wait_for_delivery(deliveries, timeout=10.0)
-            assert delivery.message.message_id == "m1"
-            assert delivery.attempt == 1
-            await delivery.ack()
-            await deliveries.aclose()
-        finally:
-            await subscriber.aclose()
-            await publisher.aclose()
-            await client.aclose()
+    async with behind_a_proxy(namespace) as (proxy, subscriber, publisher, client):
+        deliveries = subscriber.subscribe(Subscription(topic=TOPIC, group="g", lease_timeout=LEASE))
+        await go_idle(deliveries, publisher, client, namespace)
+        with cut_and_refused(proxy):
+            if noticed:
+                await wait_until(link_down(subscriber), what="the subscriber noticed the cut")
+            await publisher.publish(TOPIC, message(1))
+        await assert_handed_over_once(client, namespace)
+        proxy.upstream = SHARED
+        delivery = await wait_for_delivery(deliveries, timeout=10.0)
+        assert delivery.message.message_id == "m1"
+        assert delivery.attempt == 1
+        await delivery.ack()
+        await deliveries.aclose()
 
 
 async def wait_for_delivery(deliveries: AsyncIterator[Delivery], *, timeout: float) -> Delivery:
@@ -164,51 +196,23 @@ async def wait_for_delivery(deliveries: AsyncIterator[Delivery], *, timeout: flo
 async def test_leaving_hands_back_a_hand_over_never_received(namespace: str) -> None:
     """A subscription that leaves with a hand-over still lost on the way hands that copy
     back: another consumer of the group gets it at once, not when its lease runs out."""
-    client = redis.asyncio.Redis.from_url(SHARED_URL)
-    async with FaultProxy(*SHARED) as proxy:
-        subscriber = open_broker(f"redis://127.0.0.1:{proxy.port}/0", namespace)
-        other = open_broker(SHARED_URL, namespace)
-        try:
-            deliveries = subscriber.subscribe(
-                Subscription(topic=TOPIC, group="g", lease_timeout=LEASE)
-            )
-            await other.publish(TOPIC, message(0))
-            await (await anext(deliveries)).ack()
-
-            async def is_registered() -> bool:
-                return bool(await registered(client, namespace))
-
-            await wait_until(is_registered, what="the idle subscription registered")
-            with socket.socket() as closed:
-                closed.bind(("127.0.0.1", 0))
-                proxy.upstream = closed.getsockname()
-                proxy.cut()
-                await other.publish(TOPIC, message(1))
-            assert [int(v.split()[0]) for v in (await handed(client, namespace)).values()] == [1], (
-                "the publish did not hand the message over: this test proved nothing"
-            )
-
-            def link_down() -> bool:
-                return not subscriber._link.up.is_set()
-
-            def link_up() -> bool:
-                return subscriber._link.up.is_set()
-
-            # Leaving hands back over the subscriber's own link; while that is down (the
-            # cut noticed, the reconnect not yet made), leases run out instead, by design.
-            await wait_until(link_down, what="the subscriber noticed the cut")
-            proxy.upstream = SHARED
-            await wait_until(link_up, what="the subscriber reconnected")
-            await deliveries.aclose()  # it never asked again: the hand-over is unseen
-            taking = other.subscribe(Subscription(topic=TOPIC, group="g", lease_timeout=LEASE))
-            delivery = await wait_for_delivery(taking, timeout=10.0)
-            assert (delivery.message.message_id, delivery.attempt) == ("m1", 1)
-            await delivery.ack()
-            await taking.aclose()
-        finally:
-            await subscriber.aclose()
-            await other.aclose()
-            await client.aclose()
+    async with behind_a_proxy(namespace) as (proxy, subscriber, other, client):
+        deliveries = subscriber.subscribe(Subscription(topic=TOPIC, group="g", lease_timeout=LEASE))
+        await go_idle(deliveries, other, client, namespace)
+        with cut_and_refused(proxy):
+            await other.publish(TOPIC, message(1))
+        await assert_handed_over_once(client, namespace)
+        # Leaving hands back over the subscriber's own link; while that is down (the
+        # cut noticed, the reconnect not yet made), leases run out instead, by design.
+        await wait_until(link_down(subscriber), what="the subscriber noticed the cut")
+        proxy.upstream = SHARED
+        await wait_until(link_up(subscriber), what="the subscriber reconnected")
+        await deliveries.aclose()  # it never asked again: the hand-over is unseen
+        taking = other.subscribe(Subscription(topic=TOPIC, group="g", lease_timeout=LEASE))
+        delivery = await wait_for_delivery(taking, timeout=10.0)
+        assert (delivery.message.message_id, delivery.attempt) == ("m1", 1)
+        await delivery.ack()
+        await taking.aclose()
 
 
 async def test_an_unreadable_wake_up_is_only_a_ring(namespace: str) -> None:
@@ -218,16 +222,10 @@ async def test_an_unreadable_wake_up_is_only_a_ring(namespace: str) -> None:
     subscriber, publisher = open_broker(SHARED_URL, namespace), open_broker(SHARED_URL, namespace)
     try:
         deliveries = subscriber.subscribe(Subscription(topic=TOPIC, group="g", lease_timeout=LEASE))
-        await publisher.publish(TOPIC, message(0))
-        await (await anext(deliveries)).ack()
-
-        async def is_registered() -> bool:
-            return bool(await registered(client, namespace))
-
-        await wait_until(is_registered, what="the idle subscription registered")
+        await go_idle(deliveries, publisher, client, namespace)
         channel = key_prefix(namespace) + "w:" + TOPIC
         assert await client.publish(channel, b"not a hand-over") == 1
-        await wait_until(is_registered, what="the subscription registered again after the ring")
+        await until_registered(client, namespace)  # again, after the ring
         await publisher.publish(TOPIC, message(1))
         # Well inside poll_interval (2 s): a dead listener would leave it to the next poll.
         delivery = await wait_for_delivery(deliveries, timeout=1.5)
