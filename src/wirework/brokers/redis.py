@@ -117,7 +117,7 @@ class _Held:
 
     def receive(self, rows: list[bytes]) -> None:
         self.handed += rows
-        self.seen += len(rows) // 7
+        self.seen += len(rows) // scripts.ROW_FIELDS
 
     def drop(self, delivery: RedisDelivery) -> None:
         if delivery in self.deliveries:
@@ -433,8 +433,8 @@ class RedisBroker(Broker, DeadLetterStore, Inspectable, GroupAdmin):
     def _deliveries_of(self, held: _Held, rows: Sequence[Any]) -> list[RedisDelivery]:
         """Deliveries, now held, from a fetch's rows (or a hand-over's: the same fields)."""
         fetched: list[RedisDelivery] = []
-        for i in range(0, len(rows), 7):
-            member, attempt, first, headers, body, has_key, key = rows[i : i + 7]
+        for i in range(0, len(rows), scripts.ROW_FIELDS):
+            member, attempt, first, headers, body, has_key, key = rows[i : i + scripts.ROW_FIELDS]
             delivery = RedisDelivery(
                 self,
                 held,

@@ -44,7 +44,7 @@ from redis.exceptions import (
     ResponseError,
 )
 
-from wirework.brokers.redis_scripts import LIBRARY, Script
+from wirework.brokers.redis_scripts import LIBRARY, ROW_FIELDS, Script
 from wirework.clock import Clock
 from wirework.errors import (
     BrokerClosedError,
@@ -561,12 +561,12 @@ class Bell(asyncio.Event):
 
 
 Receiver = Callable[[list[bytes]], None]
-"""Takes the rows a publish handed over to one consumer (7 fields per row, as a fetch's)."""
+"""Takes the rows a publish handed over to one consumer (``ROW_FIELDS`` per row, as a fetch's)."""
 
 
 def handovers(payload: bytes) -> Iterator[tuple[str, list[bytes], bool]]:
     """(consumer, rows, full) per hand-over in a wake-up's payload: netstrings, per
-    consumer its name, its row count, whether its room is used up, then 7 fields per row
+    consumer its name, its row count, whether its room is used up, then ROW_FIELDS fields per row
     (``redis_scripts.hand_over``)."""
     fields: list[bytes] = []
     at, end = 0, len(payload)
@@ -578,8 +578,8 @@ def handovers(payload: bytes) -> Iterator[tuple[str, list[bytes], bool]]:
     i = 0
     while i < len(fields):
         consumer, count, full = fields[i].decode(), int(fields[i + 1]), fields[i + 2] == b"1"
-        rows = fields[i + 3 : i + 3 + 7 * count]
-        i += 3 + 7 * count
+        rows = fields[i + 3 : i + 3 + ROW_FIELDS * count]
+        i += 3 + ROW_FIELDS * count
         yield consumer, rows, full
 
 

@@ -150,5 +150,9 @@ SETTLED, STALE, GONE, WOKE = 1, 0, 2, 4
 #: The fetch script's first value when it handed out all it was asked for (no idle wait).
 FILLED = -2
 
+#: Fields per copy in a fetch's answer and in a hand-over: member, attempt, first
+#: delivery time, headers, body, has-key flag, key.
+ROW_FIELDS = 7
+
 #: What the publish script answers besides SETTLED (stored now).
 DUPLICATE, FULL = 2, 3
