@@ -10,7 +10,9 @@ Started from the repository root as ``python -m tests.helpers.store_worker``:
     ``invoked`` in the ledger *outside* it, then sleeps ``--handler-sleep``
     seconds (still inside the transaction). The first invocation of an id in
     ``--slow`` holds its claim for ``--hold`` seconds (past the lease, so
-    another process gets a copy). SIGTERM records ``stopping``, calls
+    another process gets a copy); with ``--hold-until-copy`` it lets go as
+    soon as any process's ledger shows a redelivered copy (attempt 2+) of
+    that id received, and ``--hold`` is only the deadline. SIGTERM records ``stopping``, calls
     ``consumer.stop(grace=--grace)`` and records the inbox counts
     (``inbox - claimed=..``), then ``stopped``, and ``closed`` once broker
     and store are closed.
@@ -56,11 +58,14 @@ from wirework.store import (
     current_transaction,
     inbox_middleware,
 )
-from wirework.testing.ledger import SUFFIX, LedgerFile
+from wirework.testing.ledger import SUFFIX, History, LedgerFile
 
 TOPIC = "store-ledger"
 GROUP = "store-group"
 ITEM_TYPE = "wirework.ledger.item"
+
+#: How often a ``--hold-until-copy`` handler reads the ledgers for its id's copy.
+_COPY_POLL = 0.05
 
 
 class LedgerItem(BaseModel):
@@ -97,7 +102,11 @@ async def consume(args: argparse.Namespace) -> int:
             if envelope.id in slow and envelope.id not in held:
                 held.add(envelope.id)
                 ledger.record("holding", envelope.id)
-                await asyncio.sleep(args.hold)  # the fault: hold the claim past the lease
+                # The fault: hold the claim past the lease.
+                if args.hold_until_copy:
+                    await hold_until_copy(Path(args.ledger), envelope.id, args.hold)
+                else:
+                    await asyncio.sleep(args.hold)
             ledger.record("handled", envelope.id)
 
         consumer = Consumer(
@@ -132,6 +141,18 @@ async def consume(args: argparse.Namespace) -> int:
         await store.aclose()
         ledger.record("closed", "-")
     return 0
+
+
+async def hold_until_copy(ledger: Path, message_id: str, deadline: float) -> None:
+    """Return once some process received a redelivered copy of ``message_id``, or after
+    ``deadline`` seconds (the test then finds no overlapping copy and says so)."""
+    loop = asyncio.get_running_loop()
+    until = loop.time() + deadline
+    while loop.time() < until:
+        received = History.read(ledger).of("received")
+        if any(r.id == message_id and int(r.fields.get("attempt", "1")) >= 2 for r in received):
+            return
+        await asyncio.sleep(_COPY_POLL)
 
 
 async def produce(args: argparse.Namespace) -> int:
@@ -205,6 +226,11 @@ def parser() -> argparse.ArgumentParser:
             sub.add_argument("--grace", type=float, default=5.0)
             sub.add_argument("--slow", default="", help="comma-separated ids that hold a claim")
             sub.add_argument("--hold", type=float, default=0.0)
+            sub.add_argument(
+                "--hold-until-copy",
+                action="store_true",
+                help="end a hold once a redelivered copy was received (--hold: the deadline)",
+            )
         elif name == "relay":
             sub.add_argument("--batch", type=int, default=100)
         else:
