@@ -205,6 +205,9 @@ class RabbitBroker(Broker, DeadLetterStore, Inspectable, GroupAdmin):
         self.link = Link(url, self.settings, self.spawn)
         names = Names(self.settings.namespace)
         self.topology = Topology(self.link, names, self.settings, self.spawn)
+        self._publish_mode = Mode(
+            self.settings.on_disconnect == "wait", self.settings.publish_timeout
+        )
 
     @property
     def internal_mode(self) -> Mode:
@@ -252,15 +255,10 @@ class RabbitBroker(Broker, DeadLetterStore, Inspectable, GroupAdmin):
         check_headers(message.headers)
         headers = outgoing_headers(message, Meta(key=key).table())
         routing_key = partition_kind(key, self.settings.partitions)
-        wait = self.settings.on_disconnect == "wait"
-        mode = Mode(wait, self.settings.publish_timeout)
-        progress = Progress(until=lambda: self._until(message))
+        deadline = asyncio.get_running_loop().time() + self.settings.publish_timeout
+        progress = Progress(deadline, until=lambda: self._until(message))
         try:
-            async with asyncio.timeout(self.settings.publish_timeout) as budget:
-                progress.budget = budget
-                await self._publish(
-                    topic, routing_key, bucket, message.body, headers, mode, progress
-                )
+            await self._publish(topic, routing_key, bucket, message.body, headers, progress)
         except DeadlineExceededError:  # also a TimeoutError: its own deadline, not ours
             raise
         except TimeoutError:
@@ -291,22 +289,29 @@ class RabbitBroker(Broker, DeadLetterStore, Inspectable, GroupAdmin):
         bucket: int | None,
         body: bytes,
         headers: dict[str, Any],
-        mode: Mode,
         progress: Progress,
     ) -> None:
-        """Send until confirmed; in wait mode again after every outage, until the timeout."""
-        topology, names = self.topology, self.topology.names
+        """Send until confirmed; in wait mode again after every outage, until the deadline.
+
+        The common case (the topic declared on this connection) goes straight to the
+        send; declaring and waiting out an outage are bounded by ``progress.deadline``.
+        """
+        topology, mode = self.topology, self._publish_mode
         missing = False
         while True:
             try:
-                await topology.ensure_topic(topic, mode)
                 if bucket is None:
-                    exchange = names.topic_exchange(topic)
+                    exchange = topology.topic_ready(topic)
+                    if exchange is None:
+                        async with asyncio.timeout_at(progress.deadline):
+                            await topology.ensure_topic(topic, mode)
+                        exchange = topology.names.topic_exchange(topic)
                     await topology.send(exchange, routing_key, body, headers, mode, progress)
                 else:
-                    queue = await topology.ensure_bucket(topic, None, bucket, mode)
+                    async with asyncio.timeout_at(progress.deadline):
+                        queue = await topology.ensure_bucket(topic, None, bucket, mode)
                     delayed = {**headers, DELAY_HEADER: queue}
-                    exchange = names.delay_exchange
+                    exchange = topology.names.delay_exchange
                     await topology.send(exchange, routing_key, body, delayed, mode, progress)
                 return
             except MissingError:
@@ -317,8 +322,9 @@ class RabbitBroker(Broker, DeadLetterStore, Inspectable, GroupAdmin):
             except BrokerUnavailableError:  # also PublishOutcomeUnknownError
                 if not mode.wait:
                     raise
-                await asyncio.sleep(self.settings.reconnect_initial_backoff)
-                await self.link.connected(wait=True, timeout=None)
+                async with asyncio.timeout_at(progress.deadline):
+                    await asyncio.sleep(self.settings.reconnect_initial_backoff)
+                    await self.link.connected(wait=True, timeout=None)
 
     # -- subscribing ---------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ deadline. Client errors become wirework errors in one place, ``amqp_errors``.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import random
@@ -113,56 +114,70 @@ class Window:
     it. With it, that queue is here, before the send: a publish waiting its turn
     has written nothing, its own timeout is paused, and the confirm deadline
     starts when it is sent.
+
+    A counter and a queue of futures rather than an ``asyncio.Semaphore`` in an
+    async context manager: every publish passes here, and ``take`` (a place is
+    free) is a plain call, where the semaphore's path cost a coroutine, a
+    generator-based context manager and a scan of its waiters per publish. Places
+    go to waiters first come, first served, handed over directly by ``give``.
     """
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._slots = asyncio.Semaphore(size)
+        self._free = size
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
 
-    @contextlib.asynccontextmanager
-    async def turn(
-        self,
-        budget: asyncio.Timeout | None = None,
-        until: Callable[[], float | None] | None = None,
-    ) -> AsyncIterator[None]:
-        """Hold one place in the window for the block (the send and its confirm).
+    def take(self) -> bool:
+        """Take a place now if one is free and nobody waits for one; False otherwise."""
+        if self._free and not self._waiters:
+            self._free -= 1
+            return True
+        return False
+
+    def give(self) -> None:
+        """Give a place back: to the longest waiting publish, else to the free ones."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._free += 1
+
+    async def wait(self, until: float | None) -> float:
+        """Wait for a place (held on return, to be given back); returns the seconds waited.
 
         Args:
-            budget: the publish's own timeout, paused while it waits for its turn.
-            until: the latest moment (loop time) to wait for the turn: the message's own
-                deadline, read only if there is a wait; None waits as long as it takes
-                (every place is given back within ``publish_timeout`` of its send).
+            until: the latest moment (loop time) to wait: the message's own deadline;
+                None waits as long as it takes (every place is given back within
+                ``publish_timeout`` of its send).
 
         Raises:
             DeadlineExceededError: ``until`` passed first; nothing was sent.
         """
-        if self._slots.locked():
-            await self._wait(budget, until() if until is not None else None)
-        else:
-            await self._slots.acquire()  # free: no suspension, nothing to pause
-        try:
-            yield
-        finally:
-            self._slots.release()
-
-    async def _wait(self, budget: asyncio.Timeout | None, until: float | None) -> None:
+        if self.take():
+            return 0.0
         loop = asyncio.get_running_loop()
         started = loop.time()
-        paused = budget.when() if budget is not None else None
-        if budget is not None:
-            budget.reschedule(None)
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiters.append(waiter)
         try:
             async with asyncio.timeout_at(until):
-                await self._slots.acquire()
-        except TimeoutError:
-            raise DeadlineExceededError(
-                f"the message's deadline passed while it waited its turn behind "
-                f"{self.size} publishes awaiting RabbitMQ's confirms (publish_window); "
-                f"nothing was sent"
-            ) from None
-        finally:
-            if budget is not None and paused is not None:
-                budget.reschedule(paused + (loop.time() - started))
+                await waiter
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled():
+                self.give()  # handed a place as this gave up: pass it on
+            else:
+                waiter.cancel()
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+            if isinstance(exc, TimeoutError):
+                raise DeadlineExceededError(
+                    f"the message's deadline passed while it waited its turn behind "
+                    f"{self.size} publishes awaiting RabbitMQ's confirms (publish_window); "
+                    f"nothing was sent"
+                ) from None
+            raise
+        return loop.time() - started
 
 
 class Link:
@@ -288,6 +303,11 @@ class Link:
     def _notify(self) -> None:
         for listener in list(self._listeners):
             listener()
+
+    def open_channel(self, *, confirms: bool) -> AbstractChannel | None:
+        """The shared channel if it is open now, without a coroutine (every publish asks)."""
+        channel = self._shared.get(confirms)
+        return channel if channel is not None and not channel.is_closed else None
 
     async def channel(
         self, *, confirms: bool, wait: bool, timeout: float | None

@@ -64,6 +64,10 @@ _BROKER_HEADERS = frozenset(
     }
 )
 
+#: How every header that is not simply a user's starts: RabbitMQ's ``x-`` ones and ``CC``/``BCC``,
+#: wirework's state and its delay-queue header (``split_headers`` tests this first).
+_SPECIAL_STARTS = ("x-", "CC", "BCC", DELAY_HEADER)
+
 #: Queue kind of the keyless queue of a group; partitions are ``p0`` .. ``p<n-1>``.
 ANY = "any"
 
@@ -175,7 +179,8 @@ def check_headers(headers: Mapping[str, str]) -> None:
                 f"header {name!r} is reserved on RabbitMQ (the broker routes or rewrites it, "
                 f"or wirework keeps its own state there); rename it"
             )
-        if len(name.encode("utf-8", "surrogatepass")) > _MAX_NAME:
+        # At most 4 UTF-8 bytes per character: only a long name needs encoding to be measured.
+        if len(name) > _MAX_NAME // 4 and len(name.encode("utf-8", "surrogatepass")) > _MAX_NAME:
             raise ConfigurationError(f"header name {name[:40]!r}... is over AMQP's 255 bytes")
 
 
@@ -250,7 +255,9 @@ def split_headers(
     state: dict[str, Any] = {}
     count = 0
     for name, value in (headers or {}).items():
-        if name == STATE_HEADER and isinstance(value, Mapping):
+        if type(value) is str and not name.startswith(_SPECIAL_STARTS):
+            user[name] = value  # nearly every header: a user's, as text (one test, per delivery)
+        elif name == STATE_HEADER and isinstance(value, Mapping):
             state = dict(value)
         elif name == "x-delivery-count":
             count = int(value)

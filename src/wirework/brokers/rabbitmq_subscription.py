@@ -74,6 +74,9 @@ log = logging.getLogger("wirework.brokers.rabbitmq")
 
 T = TypeVar("T")
 
+#: The state of a message published without a key and not yet retried (no state table).
+_PLAIN = Meta()
+
 
 class Host(Protocol):
     """What a subscription needs of its broker."""
@@ -93,7 +96,7 @@ class Host(Protocol):
     async def shielded(self, work: Coroutine[Any, Any, T]) -> T: ...
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Lot:
     """One AMQP delivery on one channel, and what this subscription did with it."""
 
@@ -110,7 +113,6 @@ class _Lot:
     """Times this subscription handed it out again after a keyed lease ran out."""
     holder: RabbitDelivery | None = None
     lease_until: float = 0.0
-    timer: asyncio.TimerHandle | None = None
     superseding: bool = False
     superseded: bool = False
     returned: bool = False
@@ -224,6 +226,10 @@ class SubscriptionState:
         self.left = False
         self._seq = itertools.count()
         self._copies: set[asyncio.Task[None]] = set()
+        self._superseded: set[_Lot] = set()
+        """Lots whose copies carry on, their originals still to be acked (``_release``)."""
+        self._lease_timer: asyncio.TimerHandle | None = None
+        """The one timer of the keyless leases, due when the oldest one runs out."""
         self._asked = 0
         """How many ``next`` calls are running: while none is, nothing superseded is acked."""
         self._unlisten = host.link.listen(self.notify)
@@ -239,13 +245,14 @@ class SubscriptionState:
         """The next delivery this subscription may hand out; None once the broker closed."""
         self._asked += 1
         try:
+            if self._superseded:
+                await self._release_superseded()
             return await self._next()
         finally:
             self._asked -= 1
 
     async def _next(self) -> RabbitDelivery | None:
         loop = asyncio.get_running_loop()
-        await self._release_superseded()
         while True:
             if self.host.closed:
                 return None
@@ -282,7 +289,14 @@ class SubscriptionState:
 
     def holding(self, now: float) -> int:
         """Deliveries held against ``prefetch``: handed out, unsettled, lease running."""
-        return sum(1 for lot in self.lots.values() if self._held(lot, now))
+        # ``_held`` inlined: this runs for every delivery handed out, over every lot.
+        return sum(
+            1
+            for lot in self.lots.values()
+            if lot.holder is not None
+            and not (lot.superseding or lot.superseded)
+            and (not lot.keyed or lot.lease_until > now)
+        )
 
     def ready(self, now: float) -> int:
         """Lots received (or re-handed) but waiting here: ready, for ``stats``."""
@@ -311,13 +325,41 @@ class SubscriptionState:
         if lot.holder is not None:
             lot.extra += 1  # a keyed lease ran out: this is a redelivery
         delivery = RabbitDelivery(self, lot)
-        lease = self.subscription.lease_timeout
         lot.holder = delivery
-        lot.lease_until = now + lease
-        if not lot.keyed:
-            loop = asyncio.get_running_loop()
-            lot.timer = loop.call_later(lease, self._expired, lot, delivery)
+        lot.lease_until = now + self.subscription.lease_timeout
+        if not lot.keyed and self._lease_timer is None:
+            self._arm(lot.lease_until)
         return delivery
+
+    def _arm(self, when: float) -> None:
+        self._lease_timer = asyncio.get_running_loop().call_at(when, self._check_leases)
+
+    def _check_leases(self) -> None:
+        """Expire the keyless leases that ran out; arm the timer for the next to run out.
+
+        One timer per subscription instead of one per delivery (each armed, then
+        cancelled by the ack a few milliseconds later): every keyless lease is
+        ``lease_timeout`` long, so the oldest held one runs out first, and in a
+        steady flow this wakes about once per ``lease_timeout``, scanning the
+        lots (at most about ``prefetch``) once.
+        """
+        self._lease_timer = None
+        if self.left:
+            return
+        now = asyncio.get_running_loop().time()
+        soonest: float | None = None
+        for lot in list(self.lots.values()):
+            delivery = lot.holder
+            if lot.keyed or delivery is None or lot.done or lot.superseding or lot.superseded:
+                continue
+            if delivery.settled:
+                continue
+            if lot.lease_until <= now:
+                self._expired(lot, delivery)
+            elif soonest is None or lot.lease_until < soonest:
+                soonest = lot.lease_until
+        if soonest is not None:
+            self._arm(soonest)
 
     # -- the channel ------------------------------------------------------------------
 
@@ -392,10 +434,11 @@ class SubscriptionState:
         if self.left or channel is not self.channel or message.delivery_tag is None:
             return  # an old channel: the broker hands the message back when it closes
         user, state, returns = split_headers(message.header.properties.headers)
-        try:
-            meta = Meta.from_table(state)
-        except (KeyError, TypeError, ValueError):
-            meta = Meta()  # not written by wirework: deliver it as a plain message
+        meta = _PLAIN
+        if state:  # a first copy without a key has no state table
+            # Not written by wirework if it cannot be read: deliver it as a plain message.
+            with contextlib.suppress(KeyError, TypeError, ValueError):
+                meta = Meta.from_table(state)
         if returns == 0 and message.redelivered:
             returns = 1  # a classic queue says only "redelivered", not how often
         seq = next(self._seq)
@@ -421,8 +464,7 @@ class SubscriptionState:
 
     def drop(self, lot: _Lot) -> None:
         lot.done = True
-        if lot.timer is not None:
-            lot.timer.cancel()
+        self._superseded.discard(lot)
         self.lots.pop(lot.seq, None)
         self.notify()
 
@@ -454,7 +496,7 @@ class SubscriptionState:
 
     async def _release_superseded(self) -> None:
         """Ack the originals whose copies carry on: the subscription asks for more now."""
-        for lot in [lot for lot in self.lots.values() if lot.superseded]:
+        for lot in list(self._superseded):
             await self._ack_quietly(lot)
 
     async def _ack_quietly(self, lot: _Lot) -> None:
@@ -522,6 +564,8 @@ class SubscriptionState:
             return
         lot.superseding = False
         lot.superseded = True
+        if not lot.done:
+            self._superseded.add(lot)
         if self._asked or self.left:
             await self._ack_quietly(lot)
 
@@ -533,9 +577,9 @@ class SubscriptionState:
             return
         self.left = True
         self._unlisten()
-        for lot in self.lots.values():
-            if lot.timer is not None:
-                lot.timer.cancel()
+        if self._lease_timer is not None:
+            self._lease_timer.cancel()
+            self._lease_timer = None
         if self._copies:  # let copies in flight land, so their originals are acked, not returned
             await asyncio.wait(set(self._copies), timeout=self.host.settings.publish_timeout)
         for lot in [lot for lot in self.lots.values() if lot.superseded]:

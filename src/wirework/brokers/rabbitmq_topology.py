@@ -26,7 +26,6 @@ from collections.abc import (
     Callable,
     Coroutine,
     Iterable,
-    Mapping,
     Sequence,
 )
 from dataclasses import dataclass, field
@@ -75,14 +74,27 @@ class MissingError(BrokerError):
 
 @dataclass
 class Progress:
-    """Whether a publish got as far as writing the message (after which its outcome may be
-    unknown); shared across the retries of one publish."""
+    """One publish's deadline, and whether it got as far as writing the message (after which
+    its outcome may be unknown); shared across the retries of one publish.
 
-    sent: bool = False
-    budget: asyncio.Timeout | None = None
-    """The publish's ``publish_timeout``, paused while it waits its turn in the window."""
+    One deadline (a float, loop time) rather than an ``asyncio.timeout`` around the
+    whole publish: the common publish (topic declared, channel open, a place free in
+    the window) then pays for one timer only, the one aiormq sets on the confirm, and
+    the rare waits (a connection, a declaration) are bounded by ``timeout_at`` here.
+    """
+
+    deadline: float
+    """When ``publish_timeout`` runs out (loop time); moved on by the wait for a turn."""
     until: Callable[[], float | None] | None = None
     """The message's own deadline (loop time), the longest it waits for its turn."""
+    sent: bool = False
+
+    def left(self) -> float:
+        """Seconds to the deadline; raises ``TimeoutError`` once it passed."""
+        left = self.deadline - asyncio.get_running_loop().time()
+        if left <= 0:
+            raise TimeoutError
+        return left
 
 
 @dataclass(frozen=True)
@@ -202,6 +214,7 @@ class Topology:
         self._spawn = spawn
         self._declared: dict[str, float] = {}
         self._declared_epoch = -1
+        self._exchanges: dict[str, str] = {}
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._known: set[Entry] | None = None
         self._locks: dict[str, asyncio.Lock] = {}
@@ -243,6 +256,14 @@ class Topology:
             self._declared_epoch = self._link.epoch
         at = self._declared.get(name)
         return at is not None and (max_age is None or time.monotonic() - at < max_age)
+
+    def topic_ready(self, topic: str) -> str | None:
+        """The topic's exchange if it was declared on this connection, else None: a plain
+        call (no coroutine, no name built), as every publish asks it."""
+        exchange = self._exchanges.get(topic)
+        if exchange is None:
+            exchange = self._exchanges[topic] = self.names.topic_exchange(topic)
+        return exchange if self._fresh(exchange) else None
 
     def forget(self) -> None:
         """Declare everything again on next use (something was deleted behind our back)."""
@@ -530,35 +551,53 @@ class Topology:
         exchange: str,
         routing_key: str,
         body: bytes,
-        headers: Mapping[str, Any],
+        headers: dict[str, Any],
         mode: Mode,
         progress: Progress | None = None,
     ) -> None:
         """Publish persistently, once its turn comes in the link's window, and wait for the
-        broker's confirm.
+        broker's confirm. ``headers`` is sent as it is (not copied: nothing writes to it).
 
         Raises:
             BrokerUnavailableError: definitely not stored (no connection, or nacked).
             DeadlineExceededError: ``progress.until`` passed while it waited its turn; not sent.
             MissingError: the exchange or queue is gone, or nothing took the message.
-            PublishOutcomeUnknownError: sent, but the connection failed before the confirm
-                (or, for a send without ``progress.budget``, no confirm within
+            PublishOutcomeUnknownError: sent, but the connection failed before the confirm,
+                or no confirm came by ``progress.deadline`` (without ``progress``: within
                 ``publish_timeout`` of the send).
+            TimeoutError: ``progress.deadline`` passed before anything was sent.
         """
         link = self._link
-        channel = await link.channel(confirms=True, wait=mode.wait, timeout=mode.timeout)
-        properties = Basic.Properties(delivery_mode=2, headers=dict(headers))
-        budget = progress.budget if progress is not None else None
-        until = progress.until if progress is not None else None
-        async with link.window.turn(budget, until):
-            if channel.is_closed:  # gone while this waited its turn
-                channel = await link.channel(confirms=True, wait=mode.wait, timeout=mode.timeout)
+        channel = link.open_channel(confirms=True)
+        if channel is None:
+            channel = await self._confirming(mode, progress)
+        properties = Basic.Properties(delivery_mode=2, headers=headers)
+        window = link.window
+        if not window.take():
+            until = progress.until if progress is not None else None
+            waited = await window.wait(until() if until is not None else None)
             if progress is not None:
+                progress.deadline += waited  # the turn's wait does not count
+        try:
+            if channel.is_closed:  # gone while this waited its turn
+                channel = await self._confirming(mode, progress)
+            if progress is None:
+                # Copies, dead letters, the catalog: the place in the window is still given
+                # back within publish_timeout of the send, so the window moves.
+                limit = self._settings.publish_timeout
+            else:
+                limit = progress.left()
                 progress.sent = True
-            # Without a publish's own budget (copies, dead letters, the catalog) the place in
-            # the window is still given back within publish_timeout, so the window moves.
-            limit = None if budget is not None else self._settings.publish_timeout
             await self._confirmed(channel, exchange, routing_key, body, properties, limit)
+        finally:
+            window.give()
+
+    async def _confirming(self, mode: Mode, progress: Progress | None) -> AbstractChannel:
+        """The confirming channel when it has to be (re)opened, within the publish's deadline."""
+        if progress is None:
+            return await self._link.channel(confirms=True, wait=mode.wait, timeout=mode.timeout)
+        async with asyncio.timeout_at(progress.deadline):
+            return await self._link.channel(confirms=True, wait=mode.wait, timeout=progress.left())
 
     async def _confirmed(
         self,
@@ -567,22 +606,24 @@ class Topology:
         routing_key: str,
         body: bytes,
         properties: Basic.Properties,
-        limit: float | None,
+        limit: float,
     ) -> None:
         try:
-            async with asyncio.timeout(limit):
-                confirm = await channel.basic_publish(
-                    body,
-                    exchange=exchange,
-                    routing_key=routing_key,
-                    properties=properties,
-                    mandatory=True,
-                )
+            # aiormq's own timeout bounds the confirm: one timer per publish, not two.
+            confirm = await channel.basic_publish(
+                body,
+                exchange=exchange,
+                routing_key=routing_key,
+                properties=properties,
+                mandatory=True,
+                timeout=limit,
+            )
         except amqp.ChannelInvalidStateError as exc:  # closed before anything was written
             raise BrokerUnavailableError(f"RabbitMQ connection lost: {exc}") from exc
         except TimeoutError as exc:
             raise PublishOutcomeUnknownError(
-                f"RabbitMQ did not confirm within publish_timeout ({limit}s) of the send"
+                f"RabbitMQ did not confirm within publish_timeout "
+                f"({self._settings.publish_timeout}s)"
             ) from exc
         except amqp.PublishError as exc:
             raise MissingError(
