@@ -35,6 +35,13 @@ from wirework.saga.errors import SagaLeaseLostError, SagaNotFoundError, SagaStat
 from wirework.saga.state import ACTIVE, Event, Kind, SagaStatus
 from wirework.store.base import Row, Store, Transaction
 
+#: The store's clock (epoch seconds) read in SQL when a statement checks a row, which on
+#: PostgreSQL may be after waiting for another transaction's row lock.
+_CLOCK = {
+    "postgresql": "extract(epoch FROM clock_timestamp())::float8",
+    "sqlite": "((julianday('now') - 2440587.5) * 86400.0)",
+}
+
 #: Where saga state changes are published.
 TOPIC = "wirework.sagas"
 #: The ``source`` of those events.
@@ -285,18 +292,21 @@ async def claim(
     if not names or limit <= 0:
         return []
     marks = ", ".join(f"${n}" for n in range(4, 4 + len(names)))
-    free = (
-        "(owner IS NULL OR lease_until <= $1 OR lease_until > $2)"
-        f" AND status IN ('{_ACTIVE[0]}', '{_ACTIVE[1]}')"
-    )
+    active = f"status IN ('{_ACTIVE[0]}', '{_ACTIVE[1]}')"
     taken: list[str] = []
     async with store.transaction() as tx:
         now = await store.now(tx)
+        # "Far ahead" is judged by the clock when the row is (re-)checked: the holder may
+        # have renewed after ``now`` was read (PostgreSQL re-checks after waiting for the
+        # holder's row lock), and a lease it wrote at a later time than ``now`` is not from
+        # a clock that went back. Read early, two orchestrators both drove a saga.
+        clock = _CLOCK[tx.dialect]
+        free = f"(owner IS NULL OR lease_until <= $1 OR lease_until > {clock} + $2) AND {active}"
         rows = await tx.fetch(
             f"SELECT saga_id FROM wirework_saga WHERE {free} AND name IN ({marks})"
             " ORDER BY updated_at LIMIT $3",
             now,
-            now + lease_timeout,
+            lease_timeout,
             limit,
             *names,
         )
@@ -306,7 +316,7 @@ async def claim(
                 "UPDATE wirework_saga SET owner = $3, lease_until = $4"
                 f" WHERE saga_id = $5 AND {free}",
                 now,
-                now + lease_timeout,
+                lease_timeout,
                 owner,
                 now + lease_timeout,
                 row["saga_id"],

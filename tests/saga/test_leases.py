@@ -1,0 +1,46 @@
+"""The saga lease's claim, at the journal: a renewed lease is never mistaken for a bogus one."""
+
+from __future__ import annotations
+
+import pytest
+
+from wirework.saga import journal
+from wirework.store import Store, Transaction
+
+LEASE = 1.0
+
+
+async def test_a_lease_renewed_after_a_claimer_read_its_clock_is_not_taken(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claimer's clock read before the holder's renewal: the renewed lease ends more than
+    ``lease_timeout`` after that reading, which is not a clock gone back, so the saga stays
+    the holder's. (On PostgreSQL a claim re-checks the row after waiting for the holder's
+    row lock; judged by the clock read before, two orchestrators drove one saga.)"""
+    assert await journal.create(store, "s-1", "job", {}, publish=False)
+    assert await journal.claim(store, "holder", ["job"], lease_timeout=LEASE, limit=1) == ["s-1"]
+    read = store.now
+
+    async def read_before_the_renewal(tx: Transaction) -> float:
+        return await read(tx) - LEASE / 2
+
+    monkeypatch.setattr(store, "now", read_before_the_renewal)
+    assert await journal.claim(store, "thief", ["job"], lease_timeout=LEASE, limit=1) == []
+    assert (await journal.load(store, "s-1")).saga.owner == "holder"
+
+
+async def test_a_lease_from_a_clock_gone_back_is_taken(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lease ending further ahead than any holder could have written it (its clock has
+    since gone back by more than a lease) is free to claim, at once."""
+    assert await journal.create(store, "s-1", "job", {}, publish=False)
+    read = store.now
+
+    async def ahead(tx: Transaction) -> float:
+        return await read(tx) + 10 * LEASE
+
+    monkeypatch.setattr(store, "now", ahead)
+    assert await journal.claim(store, "holder", ["job"], lease_timeout=LEASE, limit=1) == ["s-1"]
+    monkeypatch.setattr(store, "now", read)
+    assert await journal.claim(store, "next", ["job"], lease_timeout=LEASE, limit=1) == ["s-1"]
