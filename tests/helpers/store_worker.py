@@ -58,7 +58,7 @@ from wirework.store import (
     current_transaction,
     inbox_middleware,
 )
-from wirework.testing.ledger import SUFFIX, History, LedgerFile
+from wirework.testing.ledger import SUFFIX, History, LedgerFile, Record
 
 TOPIC = "store-ledger"
 GROUP = "store-group"
@@ -143,14 +143,22 @@ async def consume(args: argparse.Namespace) -> int:
     return 0
 
 
+def redelivered(record: Record, message_id: str) -> bool:
+    """Whether ``record`` is a ``received`` of a redelivered copy (attempt 2+) of the id."""
+    return (
+        record.kind == "received"
+        and record.id == message_id
+        and int(record.fields.get("attempt", "1")) >= 2
+    )
+
+
 async def hold_until_copy(ledger: Path, message_id: str, deadline: float) -> None:
     """Return once some process received a redelivered copy of ``message_id``, or after
     ``deadline`` seconds (the test then finds no overlapping copy and says so)."""
     loop = asyncio.get_running_loop()
     until = loop.time() + deadline
     while loop.time() < until:
-        received = History.read(ledger).of("received")
-        if any(r.id == message_id and int(r.fields.get("attempt", "1")) >= 2 for r in received):
+        if any(redelivered(r, message_id) for r in History.read(ledger).of("received")):
             return
         await asyncio.sleep(_COPY_POLL)
 

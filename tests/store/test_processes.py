@@ -13,7 +13,7 @@ from collections import Counter
 
 import pytest
 
-from tests.helpers.store_worker import GROUP, ITEM_TYPE, TOPIC, LedgerItem
+from tests.helpers.store_worker import GROUP, ITEM_TYPE, TOPIC, LedgerItem, redelivered
 from tests.store.brokers import BOTH, SERVERS, backend, duplicating, matrix, on
 from tests.store.workers import EFFECTS, StoreRun, backlog, effects, polling
 from wirework.brokers import connect
@@ -109,11 +109,7 @@ def concurrent_copies(run: StoreRun, slow: list[str]) -> list[str]:
         handled = [r.at for r in history.of("handled") if r.id == one]
         if not holding or not handled:
             continue
-        copies = [
-            r.at
-            for r in history.of("received")
-            if r.id == one and int(r.fields.get("attempt", "1")) >= 2
-        ]
+        copies = [r.at for r in history.of("received") if redelivered(r, one)]
         if any(holding[0] < at < handled[0] for at in copies):
             found.append(one)
     return found

@@ -14,6 +14,9 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 
 from tests.helpers.services import require_service
 from wirework.brokers import connect
@@ -122,3 +125,18 @@ async def flushed_trace(
 
     await wait_until(complete, what=f"{spans} spans of trace {trace_id} in the span store")
     return store.spans(trace_id)
+
+
+async def exported(
+    exporter: InMemorySpanExporter, *, servers: int = 1, clients: int = 0
+) -> list[ReadableSpan]:
+    """The exporter's spans once ``servers`` SERVER and ``clients`` CLIENT spans have ended:
+    a server's span ends after its answer is sent, so the caller may hold the answer before
+    that span is exported (REST and gRPC alike)."""
+
+    def ended() -> bool:
+        kinds = [span.kind for span in exporter.get_finished_spans()]
+        return kinds.count(SpanKind.SERVER) >= servers and kinds.count(SpanKind.CLIENT) >= clients
+
+    await wait_until(ended, what=f"{servers} server and {clients} client span(s)")
+    return list(exporter.get_finished_spans())

@@ -17,10 +17,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 from pydantic import BaseModel
 
+from tests.tracing.conftest import exported
 from wirework.errors import NotFoundError, WireworkError
 from wirework.grpc import GrpcClient, GrpcServer
 from wirework.service import Service
-from wirework.testing.conformance import wait_until
 
 svc = Service("traced-grpc")
 
@@ -76,28 +76,6 @@ async def client(
         yield made
 
 
-async def finished(exporter: InMemorySpanExporter, calls: int = 1) -> list[ReadableSpan]:
-    """The spans once both sides of ``calls`` calls ended: the server's span ends after its
-    answer is sent, so the caller may hold the answer before that span is exported."""
-
-    def both_sides_ended() -> bool:
-        kinds = [span.kind for span in exporter.get_finished_spans()]
-        return kinds.count(SpanKind.CLIENT) >= calls and kinds.count(SpanKind.SERVER) >= calls
-
-    await wait_until(both_sides_ended, what=f"client and server spans of {calls} call(s)")
-    return list(exporter.get_finished_spans())
-
-
-async def served_spans(exporter: InMemorySpanExporter) -> list[ReadableSpan]:
-    """The spans once the server's has ended (a call from an untraced client has no other)."""
-
-    def served() -> bool:
-        return any(span.kind is SpanKind.SERVER for span in exporter.get_finished_spans())
-
-    await wait_until(served, what="the server span")
-    return list(exporter.get_finished_spans())
-
-
 def one(spans: list[ReadableSpan], kind: SpanKind) -> ReadableSpan:
     found = [span for span in spans if span.kind is kind]
     assert len(found) == 1, [(span.name, span.kind) for span in spans]
@@ -110,7 +88,7 @@ async def test_client_span_is_the_server_span_parent(
     answer = await client.call(greet, name="ada", timeout=5)
     assert answer.text == "hello ada"
 
-    spans = await finished(exporter)
+    spans = await exported(exporter, clients=1)
     caller, served = one(spans, SpanKind.CLIENT), one(spans, SpanKind.SERVER)
     assert caller.context is not None
     assert served.context is not None
@@ -136,7 +114,7 @@ async def test_each_attempt_is_a_new_client_span_under_the_current_one(
     with tracer.start_as_current_span("checkout") as outer:
         await client.call(greet, name="a", timeout=5)
         await client.call(greet, name="b", timeout=5)
-    spans = await finished(exporter, calls=2)
+    spans = await exported(exporter, servers=2, clients=2)
     callers = [span for span in spans if span.kind is SpanKind.CLIENT]
     served = [span for span in spans if span.kind is SpanKind.SERVER]
     trace_id = outer.get_span_context().trace_id
@@ -157,7 +135,7 @@ async def test_a_bad_traceparent_restarts_the_trace_and_the_call_succeeds(
             greet, name="ada", timeout=5, metadata={"traceparent": "00-not-a-trace-01"}
         )
     assert answer.text == "hello ada"
-    served = one(await served_spans(exporter), SpanKind.SERVER)
+    served = one(await exported(exporter), SpanKind.SERVER)
     assert served.parent is None
     assert served.context is not None
     assert served.context.trace_id != 0
@@ -168,7 +146,7 @@ async def test_a_callers_mistake_fails_the_client_span_only(
 ) -> None:
     with pytest.raises(NotFoundError):
         await client.call(greet, name="missing", timeout=5)
-    spans = await finished(exporter)
+    spans = await exported(exporter, clients=1)
     caller, served = one(spans, SpanKind.CLIENT), one(spans, SpanKind.SERVER)
     assert dict(served.attributes or {})["rpc.grpc.status_code"] == 5
     assert dict(caller.attributes or {})["rpc.grpc.status_code"] == 5
@@ -181,7 +159,7 @@ async def test_a_server_bug_fails_both_spans(
 ) -> None:
     with pytest.raises(WireworkError):
         await client.call(greet, name="broken", timeout=5)
-    spans = await finished(exporter)
+    spans = await exported(exporter, clients=1)
     caller, served = one(spans, SpanKind.CLIENT), one(spans, SpanKind.SERVER)
     for span in (caller, served):
         assert dict(span.attributes or {})["rpc.grpc.status_code"] == 13
@@ -193,7 +171,7 @@ async def test_a_server_stream_is_one_span_on_each_side(
 ) -> None:
     texts = [item.text async for item in client.stream(count, n=3, timeout=5)]
     assert texts == ["0", "1", "2"]
-    spans = await finished(exporter)
+    spans = await exported(exporter, clients=1)
     caller, served = one(spans, SpanKind.CLIENT), one(spans, SpanKind.SERVER)
     assert served.parent is not None
     assert caller.context is not None

@@ -11,16 +11,16 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 import pytest
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 from pydantic import BaseModel
 
+from tests.tracing.conftest import exported
 from wirework.errors import NotFoundError
 from wirework.http import HttpClient, HttpServer, http_app
 from wirework.service import Service
-from wirework.testing.conformance import wait_until
 
 
 class Item(BaseModel):
@@ -46,15 +46,6 @@ def recording() -> tuple[TracerProvider, InMemorySpanExporter]:
     return provider, exporter
 
 
-async def served(exporter: InMemorySpanExporter, count: int = 1) -> list[ReadableSpan]:
-    """The server's spans once ``count`` have ended: the server span ends after the answer
-    is sent, so the caller may hold the answer before that span is exported."""
-    await wait_until(
-        lambda: len(exporter.get_finished_spans()) >= count, what=f"{count} server span(s)"
-    )
-    return list(exporter.get_finished_spans())
-
-
 @pytest.fixture
 async def traced() -> AsyncIterator[tuple[str, InMemorySpanExporter]]:
     provider, exporter = recording()
@@ -71,7 +62,7 @@ async def test_the_client_span_is_the_parent_of_the_server_span(
         assert await client.call(get_item, sku="kettle") == Item(sku="kettle")
 
     (client_span,) = client_spans.get_finished_spans()
-    (server_span,) = await served(server_spans)
+    (server_span,) = await exported(server_spans)
     assert client_span.kind is SpanKind.CLIENT
     assert server_span.kind is SpanKind.SERVER
     assert server_span.name == "GET /v1/items/{sku}"
@@ -94,7 +85,7 @@ async def test_a_4xx_is_recorded_but_only_a_5xx_fails_the_server_span(
 
     by_status = {
         (span.attributes or {}).get("http.response.status_code"): span
-        for span in await served(server_spans, 2)
+        for span in await exported(server_spans, servers=2)
     }
     assert set(by_status) == {404, 500}
     assert by_status[404].status.status_code is not StatusCode.ERROR
@@ -119,7 +110,7 @@ async def test_a_caller_traceparent_is_followed_and_a_bad_one_restarts_the_trace
     ):
         assert response.status == 200  # never fails the request
 
-    (span,) = await served(server_spans)
+    (span,) = await exported(server_spans)
     if traceparent.startswith("00-0af7"):
         assert f"{span.context.trace_id:032x}" == "0af7651916cd43dd8448eb211c80319c"
         assert span.parent is not None
