@@ -164,13 +164,32 @@ class Consumer:
         self._rng = rng or random.Random()
         self._stop = asyncio.Event()
         self._grace = 5.0
+        self._grace_cut = asyncio.Event()
         self._done = asyncio.Event()
+        self._acks: set[asyncio.Future[None]] = set()
+        """Acks of handled messages on their way to the broker (see ``_ack``)."""
+        self._ack_limit = subscription.prefetch
+        self._ack_room = asyncio.Event()
 
     async def stop(self, *, grace: float = 5.0) -> None:
         """Stop fetching, give running handlers ``grace`` seconds, and wait for ``run`` to end."""
-        self._grace = grace
-        self._stop.set()
+        self.stop_taking(grace=grace)
         await self._done.wait()
+
+    def stop_taking(self, *, grace: float = 5.0) -> None:
+        """Begin ``stop`` now, without waiting: no handler starts after this call returns.
+
+        For an owner that decides to stop outside a coroutine (a signal handler, a
+        runner's stop request): a worker that finishes its handler takes the next
+        queued delivery without waiting, so a stop that arrived a loop iteration
+        later would let it start.
+        """
+        if not self._stop.is_set():
+            self._grace = grace
+            self._stop.set()
+        elif grace < self._grace:
+            self._grace = grace  # a forced stop after a graceful one: handlers wait less
+            self._grace_cut.set()
 
     async def run(self) -> None:
         """Consume until ``stop`` or cancellation; never returns early on a bad message.
@@ -179,17 +198,22 @@ class Consumer:
         the current subscription: the consumer subscribes again after a backoff
         (50 ms doubling to 5 s), so a transient fault never stops it for good.
         """
-        # ``concurrency`` long-lived workers take turns reading the subscription, and a
-        # worker reads only when it is free (so at most ``concurrency`` deliveries are in
-        # hand and handlers run): per message one uncontended lock, where a task per
-        # fetch and two asyncio.wait() races cost a quarter of the event loop's time.
+        # One reader task takes deliveries from the subscription into a short queue, and
+        # ``concurrency`` long-lived workers take them from it. A worker that is done takes
+        # the next delivery without waiting when one is queued, so handlers that finish
+        # without waiting cost no task switch a message; the reader is woken about once a
+        # queue's worth. Workers taking turns at reading the subscription themselves (a
+        # lock) cost a switch and a future a message once acks no longer held them: 52
+        # instead of 31 us of event loop a message with 8 workers (SQLite, fast, window
+        # 100). The queue holds at most ``concurrency``: deliveries are taken no faster
+        # than the workers can start them, and leases do not run out in a long queue.
         try:
             deliveries = self.broker.subscribe(self.subscription)
         except BaseException:
             self._done.set()  # stop() must not wait for a run that never began
             raise
-        turn = asyncio.Lock()
-        reading: set[asyncio.Task[None]] = set()
+        queue: asyncio.Queue[Delivery] = asyncio.Queue(self.concurrency)
+        room = asyncio.Event()
         busy: set[asyncio.Task[None]] = set()
         pause = _RESUBSCRIBE_FIRST
 
@@ -216,21 +240,28 @@ class Consumer:
                         return None
                     deliveries = self.broker.subscribe(self.subscription)
 
+        async def read() -> None:
+            while not self._stop.is_set():
+                while queue.full():
+                    # Room first, then read: a full queue leaves no read (nor claim) open.
+                    room.clear()
+                    await room.wait()
+                    if self._stop.is_set():
+                        return
+                delivery = await next_delivery()
+                if delivery is None:
+                    self._stop.set()  # the subscription ended: so does this consumer
+                    return
+                if self._stop.is_set():
+                    return  # not started: handed back when the iteration closes
+                queue.put_nowait(delivery)
+
         async def work() -> None:
             me = asyncio.current_task()
             assert me is not None
             while not self._stop.is_set():
-                async with turn:
-                    if self._stop.is_set():
-                        return
-                    reading.add(me)
-                    try:
-                        delivery = await next_delivery()
-                    finally:
-                        reading.discard(me)
-                if delivery is None:
-                    self._stop.set()  # the subscription ended: so does this consumer
-                    return
+                delivery = await queue.get()
+                room.set()
                 if self._stop.is_set():
                     return  # not started: handed back when the iteration closes
                 busy.add(me)
@@ -241,23 +272,41 @@ class Consumer:
 
         try:
             async with asyncio.TaskGroup() as tasks:
+                reader = tasks.create_task(read())
                 workers = {tasks.create_task(work()) for _ in range(self.concurrency)}
                 await self._stop.wait()
-                for worker in workers - busy - reading:
-                    worker.cancel()  # waiting for its turn to read
-                if busy:
-                    _, late = await asyncio.wait(set(busy), timeout=self._grace)
-                    for worker in late:
-                        worker.cancel()
-                    if late:
-                        await asyncio.wait(late)
-                for worker in reading:
-                    worker.cancel()  # the pending read, cancelled once handlers are done
+                for worker in workers - busy:
+                    worker.cancel()  # waiting for a delivery
+                await self._wait_out_grace(busy)
+                late = set(busy)
+                for worker in late:
+                    worker.cancel()
+                if late:
+                    await asyncio.wait(late)
+                reader.cancel()  # the pending read, cancelled once handlers are done
         finally:
-            # Closing the iteration hands back whatever it still held, after the handlers.
+            # The acks of handled messages go in before the iteration closes, and closing
+            # it hands back whatever it still held (the queued ones too), after the handlers.
+            if self._acks:
+                await asyncio.wait(set(self._acks))
             with contextlib.suppress(Exception):
                 await deliveries.aclose()
             self._done.set()
+
+    async def _wait_out_grace(self, busy: set[asyncio.Task[None]]) -> None:
+        """Until the running handlers end or grace is over, a grace cut short included."""
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        while busy:
+            left = began + self._grace - loop.time()
+            if left <= 0:
+                return
+            self._grace_cut.clear()
+            cut = loop.create_task(self._grace_cut.wait())
+            try:
+                await asyncio.wait([*busy, cut], timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                cut.cancel()
 
     async def _pause(self, seconds: float) -> None:
         await wait_first(self._stop, clock=self._clock, pause=seconds)
@@ -322,9 +371,54 @@ class Consumer:
             current_incoming.reset(token)
         fault_point("consume.after_handler")
         fault_point("consume.after_commit_before_ack")
-        await delivery.ack()
+        await self._ack(delivery)
+
+    async def _ack(self, delivery: Delivery) -> None:
+        """Ack; where the backend can begin an ack and finish it later, without waiting.
+
+        The ack keeps its promise: the message counts as handled only once the
+        broker holds the ack, and a crash before that means redelivery. But the
+        handler's slot takes the next message at once instead of idling through
+        the broker's round trip, so acks of many messages share it: on SQLite
+        (fast, one producer, 8 handlers) 1 commit per 16 messages instead of 8,
+        and a consumer with one handler no longer pays a commit a message. At
+        most ``prefetch`` acks are on their way; ``run`` waits for all of them
+        before it hands back the rest.
+        """
+        while len(self._acks) >= self._ack_limit:
+            self._ack_room.clear()
+            await self._ack_room.wait()
+        acking = delivery.start_ack()
+        if acking is None:
+            await delivery.ack()
+            self._count_ack()
+            return
+        self._acks.add(acking)
+        acking.add_done_callback(lambda done: self._acked(delivery, done))
+
+    def _acked(self, delivery: Delivery, acking: asyncio.Future[None]) -> None:
+        self._acks.discard(acking)
+        self._ack_room.set()
+        if acking.cancelled():
+            return
+        error = acking.exception()
+        if isinstance(error, BrokerError):
+            self._ack_failed(delivery, error)
+            return
+        if error is not None:
+            log.error(
+                "ack of a message on %s/%s failed", delivery.topic, delivery.group, exc_info=error
+            )
+            return
+        self._count_ack()
+
+    def _count_ack(self) -> None:
         self.stats.handled += 1
         fault_point("consume.after_ack")
+
+    def _ack_failed(self, delivery: Delivery, exc: BrokerError) -> None:
+        # The lease will run out and the message comes back.
+        log.warning("could not ack message on %s/%s: %s", delivery.topic, delivery.group, exc)
 
     def _known_types(self) -> list[str]:
         return sorted(name for name in self._routes if name is not None)

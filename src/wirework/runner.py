@@ -361,6 +361,8 @@ class Runner:
         in_flight = self.snapshot().in_flight
         self.state = "stopping"
         self._stop.set()
+        for service in self.services:
+            service.stop_taking(grace=self.grace)
         log.info(
             "stopping %d service(s) (%s): no new messages; %d handler(s) in flight get %.1f s",
             len(self.services),

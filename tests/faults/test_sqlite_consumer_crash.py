@@ -96,7 +96,10 @@ async def test_consumers_crashing_at_a_point_lose_nothing_across_restarts(
     history = run.history()
     handled_twice = sum(1 for count in history.counts("handled").values() if count > 1)
     report(f"crash[{point},seed={seed}]", result, crashes=len(crashed), handled_twice=handled_twice)
-    # With concurrency 1 each crash strands exactly the message it was working on.
+    # With concurrency 1 each crash strands the message it was working on, and at most
+    # what the Consumer had taken beside it: received ones queued for the handler, and
+    # acks of earlier ones still on their way (it takes the next message without
+    # waiting for an ack). Never more than the prefetch.
     began, ended = (
         ("received", "invoked") if point == "consume.after_receive" else ("handled", "acked")
     )
@@ -104,7 +107,10 @@ async def test_consumers_crashing_at_a_point_lose_nothing_across_restarts(
     for worker in crashed:
         process = f"{worker.name}.{worker.pid}"
         left = history.ids(began, process=process) - history.ids(ended, process=process)
-        assert len(left) == 1, f"{worker.name} pid {worker.pid} stranded {sorted(left)}"
+        if point != "consume.after_receive":
+            last = history.of(began, process=process)[-1].id
+            assert last in left, f"{worker.name} pid {worker.pid}: {last} was not stranded"
+        assert 1 <= len(left) <= PREFETCH, f"{worker.name} pid {worker.pid} stranded {sorted(left)}"
         stranded.extend(left)
     received = history.counts("received")
 
@@ -112,10 +118,14 @@ async def test_consumers_crashing_at_a_point_lose_nothing_across_restarts(
     assert len(crashed) >= 2, f"expected several crashes\n{run.describe()}"
     assert not result.lost, f"{result}\n{run.describe()}"
     assert not result.unexpected, str(result)
-    assert result.effected == result.acked == result.attempted, str(result)
-    assert set(stranded) <= result.effected
+    # An ack begun but not answered when its process died either held or its message
+    # came back: ``ack_unknown`` holds the ones that never came back.
+    settled = result.effected | result.ack_unknown
+    assert settled == result.acked == result.attempted, str(result)
+    assert set(stranded) <= settled
     if point == "consume.after_receive":
         assert all(received[one] >= 2 for one in stranded), "a stranded id was not redelivered"
     else:
-        assert all(result.invocations[one] >= 2 for one in stranded), "no second invocation"
+        back = [one for one in stranded if one not in result.ack_unknown]
+        assert all(result.invocations[one] >= 2 for one in back), "no second invocation"
         assert result.redeliveries >= len(crashed), str(result)

@@ -1,12 +1,13 @@
 """A broker wrapper that writes what a consumer was handed and how it settled to a ledger.
 
 The ``Consumer`` hides the ack from its handler; wrapping the broker is how a
-worker records ``acked`` only after ``ack()`` returned, whichever code called
-it. Everything else is passed straight through.
+worker records ``acked`` only after ``ack()`` returned (or the future of
+``start_ack()`` ended), whichever code called it. Everything else is passed straight through.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncGenerator
 
@@ -71,6 +72,23 @@ class RecordingDelivery(Delivery):
             self._ledger.record("ack_failed", self._id, error=type(exc).__name__)
             raise
         self._ledger.record("acked", self._id, attempt=self.attempt)
+
+    def start_ack(self) -> asyncio.Future[None] | None:
+        # Passed through, so fault tests run the Consumer's own ack path for each backend.
+        acking = self._inner.start_ack()
+        if acking is not None:
+            self._ledger.record("acking", self._id, attempt=self.attempt)
+            acking.add_done_callback(self._record_ack)
+        return acking
+
+    def _record_ack(self, acking: asyncio.Future[None]) -> None:
+        if acking.cancelled():
+            return
+        error = acking.exception()
+        if error is None:
+            self._ledger.record("acked", self._id, attempt=self.attempt)
+        elif isinstance(error, BrokerError):
+            self._ledger.record("ack_failed", self._id, error=type(error).__name__)
 
     async def nack(self, *, delay: float = 0.0, error: Failure | None = None) -> None:
         await self._inner.nack(delay=delay, error=error)

@@ -27,6 +27,7 @@ handler (``wirework.consumer``), not a backend's job.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
@@ -197,6 +198,22 @@ class Delivery(ABC):
             AlreadySettledError: the delivery was settled before.
             BrokerError: the ack could not be recorded; the message will come back.
         """
+
+    def start_ack(self) -> asyncio.Future[None] | None:
+        """``ack()`` begun now, for a caller with other work meanwhile; None: await ``ack()``.
+
+        The delivery counts as settled from this call on, and the future ends as
+        ``ack()`` would return, or raise: the promise is ``ack()``'s, the ack is
+        recorded once the future is done without an error.
+        A backend that queues its acks anyway hands out its own future (SQLite);
+        the default is None, since wrapping ``ack()`` in a task would cost more
+        than the wait it saves where an ack is a frame written at once.
+
+        Raises:
+            AlreadySettledError: the delivery was settled before.
+            BrokerError: the ack cannot be begun; the message will come back.
+        """
+        return None
 
     @abstractmethod
     async def nack(self, *, delay: float = 0.0, error: Failure | None = None) -> None:

@@ -425,15 +425,36 @@ class SqliteBroker(Broker):
     async def _settle(
         self, delivery: SqliteDelivery, step: Step, request: Any, *, durable: bool = True
     ) -> None:
+        await self._start_settle(delivery, step, request, durable=durable)
+
+    def _start_settle(
+        self, delivery: SqliteDelivery, step: Step, request: Any, *, durable: bool = True
+    ) -> asyncio.Future[None]:
+        """Queue a settle; the future ends after its commit (a stale one is counted)."""
         if self._closed:
             raise BrokerClosedError(
                 f"the SQLite broker on {str(self.path)!r} closed before this delivery was settled; "
                 f"its message will be delivered again"
             )
         self._held.discard(delivery)
-        current = await self._submit(step, request, durable=durable)
-        if not current:
+        outcome = self._submit(step, request, durable=durable)
+        settled: asyncio.Future[None] = self._loop.create_future()
+        outcome.add_done_callback(lambda done: self._settled(done, settled))
+        return settled
+
+    def _settled(self, outcome: asyncio.Future[Any], settled: asyncio.Future[None]) -> None:
+        if settled.done():
+            return
+        if outcome.cancelled():
+            settled.cancel()
+            return
+        error = outcome.exception()
+        if error is not None:
+            settled.set_exception(error)
+            return
+        if not outcome.result():
             self.stale_settles += 1
+        settled.set_result(None)
 
 
 class SqliteDelivery(Delivery):
@@ -478,8 +499,12 @@ class SqliteDelivery(Delivery):
 
     async def ack(self) -> None:
         """Returns once the ack is committed, without an fsync: see the module docstring."""
+        await self.start_ack()
+
+    def start_ack(self) -> asyncio.Future[None]:
+        """The ack queued for the writer at once: no task, the writer's own future."""
         self._begin()
-        await self._broker._settle(self, ops.ack, self.handle, durable=False)
+        return self._broker._start_settle(self, ops.ack, self.handle, durable=False)
 
     async def nack(self, *, delay: float = 0.0, error: Failure | None = None) -> None:
         self._begin()

@@ -696,6 +696,13 @@ class Service:
             self._relay = Relay(store, broker)
             tasks.create_task(self._relay.run(), name=f"{self.name} outbox relay")
 
+    def stop_taking(self, *, grace: float | None = None) -> None:
+        """No handler starts after this returns; ``stop`` then finishes the job."""
+        grace = self.shutdown_grace if grace is None else grace
+        for binding in self.bindings:
+            if binding.consumer is not None:
+                binding.consumer.stop_taking(grace=grace)
+
     async def stop(self, *, grace: float | None = None) -> None:
         """Stop taking messages, let in-flight handlers finish within ``grace``, close."""
         tasks = self._tasks

@@ -12,7 +12,10 @@ so a ``kill -9`` loses at most the event it was in the middle of:
 * a consumer writes ``received`` when a delivery is handed to it,
   ``invoked`` when its handler starts, ``handled`` when the handler returned,
   and ``acked`` once ``ack()`` returned (also ``nacked``, ``dead_lettered``,
-  ``ack_failed``).
+  ``ack_failed``). An ack begun without waiting (``Delivery.start_ack``) is
+  written ``acking`` first; if its process dies before the outcome, the ack is
+  of unknown outcome (``ack_unknown``), as an ``invoke`` without outcome is:
+  the handler finished, and the message either comes back or its ack held.
 
 ``check`` turns the files and the broker's dead letters into the counts of
 §2.0 (``lost``, ``unexpected``, ``failed_but_present``, ``recovered``,
@@ -163,6 +166,8 @@ class LedgerCheck:
     invocations: Counter[str]
     effects: Counter[str]
     dead_lettered: Counter[str]
+    ack_unknown: frozenset[str] = frozenset()
+    """Handled, its ack begun, its process gone before the outcome (``acked`` effect only)."""
 
     @property
     def invoked(self) -> frozenset[str]:
@@ -178,7 +183,7 @@ class LedgerCheck:
 
     @property
     def lost(self) -> frozenset[str]:
-        return self.acked - (self.effected | self.dlq)
+        return self.acked - (self.effected | self.dlq | self.ack_unknown)
 
     @property
     def unexpected(self) -> frozenset[str]:
@@ -217,6 +222,7 @@ class LedgerCheck:
             "failed_but_present": len(self.failed_but_present),
             "recovered": len(self.recovered),
             "redeliveries": self.redeliveries,
+            "ack_unknown": len(self.ack_unknown),
         }
 
     def __str__(self) -> str:
@@ -246,6 +252,12 @@ def check(
     attempted = {r.id for r in publishes}
     acked = {r.id for r in publishes if r.kind == "ok"}
     failed = {r.id for r in publishes if r.kind == "fail"} - acked
+    ack_unknown: frozenset[str] = frozenset()
+    if effect == DEFAULT_EFFECT:
+        answered = {(r.process, r.id) for r in history.of("acked", "ack_failed")}
+        ack_unknown = frozenset(
+            r.id for r in history.of("acking") if (r.process, r.id) not in answered
+        ) - set(history.counts(effect))
     return LedgerCheck(
         attempted=frozenset(attempted),
         acked=frozenset(acked),
@@ -254,6 +266,7 @@ def check(
         invocations=history.counts("invoked"),
         effects=history.counts(effect),
         dead_lettered=Counter(dead_lettered),
+        ack_unknown=ack_unknown,
     )
 
 
@@ -286,7 +299,8 @@ async def drain(
 ) -> LedgerCheck:
     """Wait for the drain phase to end, then return the final check.
 
-    The drain ends when every acked publish is effected or dead-lettered (and,
+    The drain ends when every acked publish is effected or dead-lettered, no
+    begun ack is still unanswered (and,
     if ``idle`` is given, it also says the broker has nothing left, so that
     publishes of unknown outcome can still show up as ``recovered``), or when
     no new invocation has been recorded for ``quiet`` seconds (use 2 x the
@@ -307,7 +321,9 @@ async def drain(
         now = loop.time()
         if now >= deadline:
             return result
-        if not result.lost and (idle is None or await idle()):
+        # An ack begun and not yet answered may be one a live consumer is about to
+        # record (its commit is what made the broker idle): not an end, unless quiet.
+        if not result.lost and not result.ack_unknown and (idle is None or await idle()):
             return result
         total = sum(result.invocations.values())
         if total != seen:
