@@ -44,3 +44,16 @@ async def test_a_lease_from_a_clock_gone_back_is_taken(
     assert await journal.claim(store, "holder", ["job"], lease_timeout=LEASE, limit=1) == ["s-1"]
     monkeypatch.setattr(store, "now", read)
     assert await journal.claim(store, "next", ["job"], lease_timeout=LEASE, limit=1) == ["s-1"]
+
+
+async def test_a_longer_lease_of_another_orchestrator_is_not_taken(store: Store) -> None:
+    """Orchestrators with different ``lease_timeout``s share sagas: a lease of 60 s, just
+    written, is not "further ahead than a lease" to one that leases for 1 s. Judged by the
+    claimer's own length, it was taken at once and two orchestrators drove the saga; the
+    renewal and every recorded step keep the holder's length too."""
+    assert await journal.create(store, "s-1", "job", {}, publish=False)
+    assert await journal.claim(store, "patient", ["job"], lease_timeout=60.0, limit=1) == ["s-1"]
+    assert await journal.claim(store, "hasty", ["job"], lease_timeout=LEASE, limit=1) == []
+    assert await journal.renew(store, ["s-1"], "patient", lease_timeout=60.0) == {"s-1"}
+    assert await journal.claim(store, "hasty", ["job"], lease_timeout=LEASE, limit=1) == []
+    assert (await journal.load(store, "s-1")).saga.owner == "patient"

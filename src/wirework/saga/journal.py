@@ -263,7 +263,7 @@ async def transition(
         ended = status.terminal
         changed = await tx.execute(
             "UPDATE wirework_saga SET status = $1, updated_at = $2, lease_until = $3,"
-            " owner = $4, ended_at = $5, error = COALESCE($6, error)"
+            " owner = $4, ended_at = $5, error = COALESCE($6, error), lease_timeout = $9"
             " WHERE saga_id = $7 AND owner = $8",
             status.value,
             now,
@@ -273,6 +273,7 @@ async def transition(
             error,
             saga_id,
             owner,
+            lease_timeout,
         )
         if not changed:
             raise SagaLeaseLostError(
@@ -301,7 +302,12 @@ async def claim(
         # holder's row lock), and a lease it wrote at a later time than ``now`` is not from
         # a clock that went back. Read early, two orchestrators both drove a saga.
         clock = _CLOCK[tx.dialect]
-        free = f"(owner IS NULL OR lease_until <= $1 OR lease_until > {clock} + $2) AND {active}"
+        # Each lease is judged by its own length (another orchestrator may lease for
+        # longer); a row written before the length was kept is judged by the claimer's.
+        length = "CASE WHEN lease_timeout > 0 THEN lease_timeout ELSE $2 END"
+        free = (
+            f"(owner IS NULL OR lease_until <= $1 OR lease_until > {clock} + {length}) AND {active}"
+        )
         rows = await tx.fetch(
             f"SELECT saga_id FROM wirework_saga WHERE {free} AND name IN ({marks})"
             " ORDER BY updated_at LIMIT $3",
@@ -313,7 +319,7 @@ async def claim(
         for row in rows:
             # Re-checked under the row lock (PostgreSQL): only one racer's UPDATE matches.
             changed = await tx.execute(
-                "UPDATE wirework_saga SET owner = $3, lease_until = $4"
+                "UPDATE wirework_saga SET owner = $3, lease_until = $4, lease_timeout = $2"
                 f" WHERE saga_id = $5 AND {free}",
                 now,
                 lease_timeout,
@@ -332,14 +338,16 @@ async def renew(
     """Extend this orchestrator's leases on these sagas; the ids it still holds."""
     if not saga_ids:
         return set()
-    marks = ", ".join(f"${n}" for n in range(3, 3 + len(saga_ids)))
+    marks = ", ".join(f"${n}" for n in range(4, 4 + len(saga_ids)))
     again = ", ".join(f"${n}" for n in range(2, 2 + len(saga_ids)))
     async with store.transaction() as tx:
         now = await store.now(tx)
         await tx.execute(
-            f"UPDATE wirework_saga SET lease_until = $1 WHERE owner = $2 AND saga_id IN ({marks})",
+            "UPDATE wirework_saga SET lease_until = $1, lease_timeout = $3"
+            f" WHERE owner = $2 AND saga_id IN ({marks})",
             now + lease_timeout,
             owner,
+            lease_timeout,
             *saga_ids,
         )
         rows = await tx.fetch(

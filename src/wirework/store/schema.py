@@ -101,6 +101,11 @@ _IDEMPOTENCY_COLUMNS = (
     " status INTEGER,"
     " headers TEXT,"
 )
+#: The holder's ``lease_timeout``: a lease ending further ahead than its own length is
+#: from a clock gone back (0: written before version 4; the claimer's length is used).
+_SAGA_LEASE_LENGTH = (
+    "ALTER TABLE wirework_saga ADD COLUMN lease_timeout DOUBLE PRECISION NOT NULL DEFAULT 0"
+)
 _IDEMPOTENCY_KEY = ", PRIMARY KEY (endpoint, client, key_hash))"
 _IDEMPOTENCY_AGE = (
     "CREATE INDEX wirework_idempotency_keys_age ON wirework_idempotency_keys (expires_at)"
@@ -164,6 +169,12 @@ MIGRATIONS: tuple[Migration, ...] = (
             + _IDEMPOTENCY_KEY,
             _IDEMPOTENCY_AGE,
         ),
+    ),
+    Migration(
+        version=4,
+        description="each saga lease's own length, so leases of other lengths are told apart",
+        sqlite=(_SAGA_LEASE_LENGTH,),
+        postgresql=(_SAGA_LEASE_LENGTH,),
     ),
 )
 
