@@ -148,11 +148,25 @@ class Run:
 
 
 async def drain(
-    what: str, done: Callable[[], Awaitable[bool]], deadline: float = DRAIN_DEADLINE
+    what: str,
+    done: Callable[[], Awaitable[bool]],
+    deadline: float = DRAIN_DEADLINE,
+    *,
+    run: Run | None = None,
 ) -> float:
-    """Seconds until ``done``; fails past ``deadline``."""
+    """Seconds until ``done``; fails past ``deadline``, saying where ``run`` stood."""
     began = time.monotonic()
-    await wait_until(done, deadline, what=what)
+    try:
+        await wait_until(done, deadline, what=what)
+    except AssertionError as exc:
+        if run is None:
+            raise
+        unmet = sorted(one for one, meeting in run.meetings.items() if not meeting.is_set())
+        raise AssertionError(
+            f"{exc}: claimed={run.stats.claimed} duplicates={run.stats.duplicates}"
+            f" alone={sorted(run.alone)[:10]} copies not yet met={unmet[:10]}"
+            f" arrivals of those={[run.arrivals[one] for one in unmet[:10]]}"
+        ) from exc
     return time.monotonic() - began
 
 
@@ -199,6 +213,7 @@ async def test_duplicate_and_concurrent_copies_are_applied_once(
             together = await drain(
                 "the concurrent copies",
                 lambda: settled(SEQUENTIAL + CONCURRENT, SEQUENTIAL + CONCURRENT),
+                run=run,
             )
     counted = await effects(store)
 
