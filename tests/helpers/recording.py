@@ -47,13 +47,11 @@ class RecordingBroker(Broker):
         await self.inner.aclose()
 
 
-class RecordingDelivery(Delivery):
-    """Settles through the inner delivery, then records the outcome."""
+class WrappedDelivery(Delivery):
+    """A delivery that is another one's stand-in: its message and state are the inner's."""
 
-    def __init__(self, inner: Delivery, message_id: str, ledger: LedgerFile) -> None:
+    def __init__(self, inner: Delivery) -> None:
         self._inner = inner
-        self._id = message_id
-        self._ledger = ledger
         self.message = inner.message
         self.topic = inner.topic
         self.group = inner.group
@@ -64,6 +62,15 @@ class RecordingDelivery(Delivery):
     @property
     def settled(self) -> bool:
         return self._inner.settled
+
+
+class RecordingDelivery(WrappedDelivery):
+    """Settles through the inner delivery, then records the outcome."""
+
+    def __init__(self, inner: Delivery, message_id: str, ledger: LedgerFile) -> None:
+        super().__init__(inner)
+        self._id = message_id
+        self._ledger = ledger
 
     async def ack(self) -> None:
         try:

@@ -8,6 +8,7 @@ from collections.abc import AsyncGenerator
 
 from pydantic import BaseModel
 
+from tests.helpers.recording import WrappedDelivery
 from wirework.brokers.base import Broker, DeadLetterReason, Delivery, Failure, Subscription
 from wirework.brokers.memory import MemoryBroker
 from wirework.consumer import Consumer, Route
@@ -51,21 +52,12 @@ class HeldAcks(Broker):
         await self.inner.aclose()
 
 
-class HeldDelivery(Delivery):
+class HeldDelivery(WrappedDelivery):
     def __init__(self, broker: HeldAcks, inner: Delivery) -> None:
+        super().__init__(inner)
         self.broker = broker
         self.inner = inner
-        self.message = inner.message
-        self.topic = inner.topic
-        self.group = inner.group
-        self.key = inner.key
-        self.attempt = inner.attempt
-        self.first_failure_at = inner.first_failure_at
         self.inner_ack: asyncio.Future[None] | None = None
-
-    @property
-    def settled(self) -> bool:
-        return self.inner.settled
 
     def start_ack(self) -> asyncio.Future[None]:
         # Settled at once, as a backend's start_ack does; only the answer is held back.
