@@ -57,3 +57,22 @@ async def test_a_longer_lease_of_another_orchestrator_is_not_taken(store: Store)
     assert await journal.renew(store, ["s-1"], "patient", lease_timeout=60.0) == {"s-1"}
     assert await journal.claim(store, "hasty", ["job"], lease_timeout=LEASE, limit=1) == []
     assert (await journal.load(store, "s-1")).saga.owner == "patient"
+
+
+async def test_a_lease_a_moment_ahead_of_the_claimers_clock_is_not_taken(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The holder's clock a little ahead of the one the claim is judged by (on SQLite the
+    SQL clock steps by the millisecond, the holder's ``time.time`` by the microsecond): a
+    fresh lease then ends a moment beyond its length from the claimer's clock, which is not
+    a clock gone back. Without the slack a claim in the same millisecond took it."""
+    assert await journal.create(store, "s-1", "job", {}, publish=False)
+    read = store.now
+
+    async def a_moment_ahead(tx: Transaction) -> float:
+        return await read(tx) + 0.5
+
+    monkeypatch.setattr(store, "now", a_moment_ahead)
+    assert await journal.claim(store, "holder", ["job"], lease_timeout=LEASE, limit=1) == ["s-1"]
+    monkeypatch.setattr(store, "now", read)
+    assert await journal.claim(store, "next", ["job"], lease_timeout=LEASE, limit=1) == []

@@ -42,6 +42,12 @@ _CLOCK = {
     "sqlite": "((julianday('now') - 2440587.5) * 86400.0)",
 }
 
+#: Seconds a lease may end beyond its length from the clock read as its row is checked
+#: before it counts as from a clock gone back. SQLite's SQL clock has millisecond steps,
+#: the writer's (``time.time``) microseconds: a lease written in the same millisecond
+#: looked "far ahead" to the next claim, and was taken.
+_CLOCK_SLACK = 1.0
+
 #: Where saga state changes are published.
 TOPIC = "wirework.sagas"
 #: The ``source`` of those events.
@@ -305,9 +311,8 @@ async def claim(
         # Each lease is judged by its own length (another orchestrator may lease for
         # longer); a row written before the length was kept is judged by the claimer's.
         length = "CASE WHEN lease_timeout > 0 THEN lease_timeout ELSE $2 END"
-        free = (
-            f"(owner IS NULL OR lease_until <= $1 OR lease_until > {clock} + {length}) AND {active}"
-        )
+        ahead = f"{clock} + {length} + {_CLOCK_SLACK}"
+        free = f"(owner IS NULL OR lease_until <= $1 OR lease_until > {ahead}) AND {active}"
         rows = await tx.fetch(
             f"SELECT saga_id FROM wirework_saga WHERE {free} AND name IN ({marks})"
             " ORDER BY updated_at LIMIT $3",
