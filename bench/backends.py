@@ -107,7 +107,8 @@ SIDE_NOTES = {
     "nats": [
         "wirework: publish awaits the PubAck (Nats-Msg-Id dedup header built once, size "
         "check); one long-poll pull open (batch = free prefetch, 5 s; one message when "
-        "idle); plain +ACK sent with the connection's next write (at most 5 ms later)",
+        "idle); plain +ACKs of one event-loop turn written together on the next turn, "
+        "never with a publish",
         "raw: nats-py, js.publish awaits the PubAck; stream file/interest; durable pull "
         "consumer, fetch(batch=free prefetch, timeout=0.1 s: it waits until the batch is "
         "full or the time is up); msg.ack() (fire and forget)",

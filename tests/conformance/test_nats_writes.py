@@ -1,16 +1,18 @@
 """The NATS backend's socket writes: where acks go, and headers parsed as nats-py parses them.
 
-A plain ack goes with the connection's next publish or request, or alone after
-``ACK_DELAY``, never behind a direct reply (nats-server handles it before it
-flushes the reply, which holds the reply back). These checks run on the shared
-server (``-k nats`` selects them with the conformance suite) and say what each
-one proves in its first line.
+The acks of one turn of the event loop go out in one write on the next turn,
+never with a JetStream publish (nats-server handles the ack first, which holds
+the PubAck back) and never with or right behind a direct reply (``ACK_DELAY``
+later: the same holds for the reply). These checks run on the shared server
+(``-k nats`` selects them with the conformance suite) and say what each one
+proves in its first line.
 """
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 
 import pytest
 from hypothesis import given
@@ -75,31 +77,89 @@ async def all_acked(broker: NatsBroker) -> bool:
     return int(info["num_ack_pending"]) + int(info["num_pending"]) == 0
 
 
-async def test_queued_acks_go_with_the_next_publish(
+class Writes:
+    """Every socket write of one nats-py client, as the bytes of each call."""
+
+    def __init__(self, nc: Client) -> None:
+        transport = nc._transport
+        assert transport is not None
+        self.seen: list[bytes] = []
+        original = transport.writelines
+
+        def writelines(payload: Iterable[bytes]) -> None:
+            chunks = list(payload)
+            self.seen.append(b"".join(chunks))
+            original(chunks)
+
+        transport.writelines = writelines  # type: ignore[method-assign]
+
+    def with_ack(self) -> list[bytes]:
+        return [write for write in self.seen if b"+ACK" in write]
+
+
+async def test_a_queued_ack_never_rides_on_a_jetstream_publish(
     broker: NatsBroker, delivery: NatsDelivery
 ) -> None:
-    """A queued ack is handed to nats-py with the next publish, before it: one write for both."""
+    """A publish right after an ack leaves it queued: written with the publish, the ack would
+    be handled first and hold the PubAck back; it goes out on its own write instead."""
     other = f"{TOPIC}.other"
     await broker.declare_group(Subscription(topic=other, group=GROUP))  # publish sends at once
+    writes = Writes(await broker.connection.client())
     await delivery.ack()
-    connection = broker.connection
-    assert connection._acks, "the ack was queued"
+    assert broker.connection._acks, "the ack was queued"
     message = encode_binary(Envelope.new("t.happened", Note(n=2), source="/test"))
     await broker.publish(other, message)
-    assert connection._acks == []
-    assert connection._ack_timer is None
     await wait_until(lambda: all_acked(broker), timeout=5.0)
+    publishes = [write for write in writes.seen if b"HPUB" in write]
+    assert publishes, "the publish was written"
+    assert all(b"+ACK" not in write for write in publishes)
+    assert len(writes.with_ack()) == 1
 
 
-async def test_an_ack_with_nothing_due_is_written_within_the_ack_delay(
+async def test_acks_are_written_together_on_the_next_turn(broker: NatsBroker) -> None:
+    """Acks queued in one turn of the event loop go out in one write on the next turn, without
+    waiting for other traffic to share it."""
+    await broker.declare_group(SUBSCRIPTION)
+    for n in range(3):
+        message = encode_binary(Envelope.new("t.happened", Note(n=n), source="/test"))
+        await broker.publish(TOPIC, message)
+    deliveries: AsyncGenerator[NatsDelivery, None] = broker.subscribe(SUBSCRIPTION)
+    try:
+        held = [await anext(deliveries) for _ in range(3)]
+        nc = await broker.connection.client()
+        await nc.flush()  # nothing left unwritten
+        writes = Writes(nc)
+        for one in held:
+            await one.ack()
+        assert writes.with_ack() == [], "queued, not written in the acking turn"
+        await asyncio.sleep(0)  # one turn
+        assert broker.connection._acks == []
+        [write] = writes.with_ack()
+        assert write.count(b"+ACK") == 3
+        await wait_until(lambda: all_acked(broker), timeout=5.0)
+    finally:
+        await deliveries.aclose()
+
+
+async def test_an_ack_right_after_a_direct_reply_waits_the_ack_delay(
     broker: NatsBroker, delivery: NatsDelivery
 ) -> None:
-    """With nothing to share a write with, the ack waits at most ACK_DELAY, then goes alone."""
-    nc = await broker.connection.client()
-    await nc.flush()  # nothing left unwritten
-    await delivery.ack()
-    assert broker.connection._ack_timer is not None
-    await wait_until(lambda: all_acked(broker), timeout=5.0 + ACK_DELAY)
+    """An ack queued just after a reply was written stays queued for ACK_DELAY, so the server
+    reads the reply alone, and then goes out on its own."""
+    replies = broker.direct_replies()
+    inbox = await replies.open_reply_inbox("test")
+    try:
+        writes = Writes(await broker.connection.client())
+        reply = encode_binary(Envelope.new("t.answer", Note(n=1), source="/test"))
+        await replies.send_reply(inbox.address, reply)
+        await delivery.ack()
+        await asyncio.sleep(0)  # the turn on which an ack would otherwise go
+        assert broker.connection._acks, "held back behind the reply"
+        assert writes.with_ack() == []
+        await wait_until(lambda: all_acked(broker), timeout=5.0 + ACK_DELAY)
+        assert all(b"+ACK" not in write for write in writes.seen if b"HPUB" in write)
+    finally:
+        await inbox.aclose()
 
 
 async def test_a_direct_reply_leaves_queued_acks_queued(

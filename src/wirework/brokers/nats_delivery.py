@@ -13,8 +13,8 @@ crash between the two leaves a redelivery that the reader recognises (at or
 below the cursor) and acks unseen. Its state record goes before the ack too.
 
 An ack is a plain publish, as RabbitMQ's ``basic.ack`` is a frame without an
-answer, and it shares a socket write with the connection's other traffic (it
-waits at most ``nats_client.ACK_DELAY`` for some; at once near the lease's
+answer, and the acks of one turn of the event loop share a socket write on the
+next (``ACK_DELAY`` later right after a direct reply; at once near the lease's
 end): ``ack`` fails (BrokerError) when the connection is down, and an ack lost
 with a connection that drops before the server read it means one redelivery,
 a duplicate, never a loss. Only the ack after a dead letter waits for the
@@ -193,7 +193,7 @@ class NatsDelivery(Delivery):
         connection = broker.connection
         if dead is None:
             if self.deadline - broker.clock.monotonic() > _ACK_LEEWAY:
-                connection.ack(pending.reply)  # written with the connection's next write
+                connection.ack(pending.reply)  # written on the event loop's next turn
             else:
                 await connection.publish(pending.reply, b"+ACK")  # no time to wait for company
         else:

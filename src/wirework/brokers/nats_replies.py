@@ -108,10 +108,11 @@ class NatsReplies:
         size = len(message.body) + len(block) - BLOCK_FRAME  # as header_bytes counts
         if size > client.max_payload:
             raise MessageTooLargeError(size, client.max_payload, topic=replyto)
-        # Queued acks are not handed over here: behind a reply, they hold it back
-        # (nats_client's module docstring).
+        # Queued acks are not handed over here, and those queued right after wait: with
+        # (or right behind) a reply, they hold it back (nats_client's module docstring).
         with connection.translate(f"replying to {replyto!r}"):
             await publish_block(client, subject, "", block, message.body, now=True)
+        connection.reply_written()
 
 
 class NatsInbox:

@@ -1,7 +1,8 @@
 """The Redis backend's connection: scripts, outcomes, reconnection and wake-ups.
 
 Every call runs one Lua script (``redis_scripts``: FCALL of the library's
-function, or EVALSHA where Redis has no Functions) on a connection that is
+function, or EVALSHA where Redis has no Functions), or one plain command
+(``redis_scripts.Command``: a reply's ``XADD``), on a connection that is
 connected and clean: kept by the link after whole replies and checked before
 reuse (redis-py's own check: no pending data, no end of file), or new from
 redis-py's pool. So a failure *before* the script was sent is a definite one: the
@@ -44,7 +45,7 @@ from redis.exceptions import (
     ResponseError,
 )
 
-from wirework.brokers.redis_scripts import LIBRARY, ROW_FIELDS, Script
+from wirework.brokers.redis_scripts import LIBRARY, ROW_FIELDS, Command, Script
 from wirework.clock import Clock
 from wirework.errors import (
     BrokerClosedError,
@@ -212,7 +213,7 @@ class Link:
 
     async def call(
         self,
-        script: Script,
+        script: Script | Command,
         args: Sequence[str | bytes | int],
         *,
         what: str,
@@ -222,7 +223,8 @@ class Link:
         wait_aof_ms: int | None = None,
         until: Callable[[], float | None] | None = None,
     ) -> Any:
-        """Run ``script`` with ``args`` (ARGV[1] is the key prefix, also its one KEYS entry).
+        """Run ``script`` with ``args`` (ARGV[1] is the key prefix, also its one KEYS entry),
+        or a plain ``Command`` with ``args`` as its arguments.
 
         ``timeout`` does not count the time the call waits for its turn (a free
         connection: every running call holds one), so a burst of thousands of
@@ -302,7 +304,7 @@ class Link:
     async def _send(
         self,
         connection: Any,
-        script: Script,
+        script: Script | Command,
         args: Sequence[str | bytes | int],
         what: str,
         wait_aof_ms: int | None,
@@ -426,11 +428,15 @@ class Link:
             f"Redis at {where(self.url)} did not come back in time; {what} was not sent"
         )
 
-    async def _run(self, connection: Any, script: Script, args: Sequence[str | bytes | int]) -> Any:
+    async def _run(
+        self, connection: Any, script: Script | Command, args: Sequence[str | bytes | int]
+    ) -> Any:
         """FCALL of the script's function (loading the library once per server if it is
         missing), or EVALSHA/EVAL where the server has no functions (Redis before 7) or
         the user may not use them. The prefix is the one declared key: it names the hash
-        slot of the namespace."""
+        slot of the namespace. A ``Command`` is sent as it is."""
+        if isinstance(script, Command):
+            return await _exchange(connection, (script.name, *args))
         if script.function is not None and self._functions:
             call = ("FCALL", script.function, 1, args[0], *args)
             try:
@@ -695,12 +701,11 @@ class Doorbell:
                         if not held:
                             await self._link.clock.sleep(_LISTEN_TICK)
                             continue
-                        message = await pubsub.get_message(timeout=_LISTEN_TICK)
+                        found = await self._next_message(pubsub)
                         backoff.reset()
-                        if message is not None and message.get("type") == "message":
-                            channel = message["channel"]
-                            name = channel.decode() if isinstance(channel, bytes) else channel
-                            spare = self._hand_safely(message.get("data"), name)
+                        if found is not None:
+                            name, data = found
+                            spare = self._hand_safely(data, name)
                             self.ring(name.removeprefix(f"{self._prefix}w:"), spare=spare)
             except BrokerError as exc:
                 self._listening = set()
@@ -712,6 +717,36 @@ class Doorbell:
                 self._listening = set()
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    @staticmethod
+    async def _next_message(pubsub: PubSub) -> tuple[str, bytes | None] | None:
+        """The next published message's (channel, data) within ``_LISTEN_TICK``, or None.
+
+        A message is read straight off the connection: it is on the way of every
+        hand-over (a request to a quiet responder), and redis-py's ``get_message``
+        wraps each read in a health check, a retry policy (ours makes no retries), a
+        dict and a metrics lookup. Anything else (a subscribe or unsubscribe
+        confirmation) goes through ``handle_message``, which keeps the subscription's
+        own bookkeeping. Errors are the read's, as ``get_message`` raises them.
+        """
+        connection = pubsub.connection
+        if connection is None:
+            return None
+        response = await connection.read_response(
+            timeout=_LISTEN_TICK, disconnect_on_error=False, push_request=True
+        )
+        if response is None:
+            return None
+        if isinstance(response, list) and len(response) == 3 and response[0] == b"message":
+            channel, data = response[1], response[2]
+            name = channel.decode() if isinstance(channel, bytes) else str(channel)
+            return name, data if isinstance(data, bytes) or data is None else str(data).encode()
+        message = await pubsub.handle_message(response, ignore_subscribe_messages=True)
+        if message is not None and message.get("type") == "message":
+            channel = message["channel"]
+            name = channel.decode() if isinstance(channel, bytes) else str(channel)
+            return name, message.get("data")
+        return None
 
     async def aclose(self) -> None:
         if self._task is not None:

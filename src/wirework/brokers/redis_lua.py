@@ -179,6 +179,9 @@ local function take_new(c, consumer, want, lease_ms, scan_limit, now, emit)
       'XREADGROUP', 'GROUP', c.G, consumer, 'COUNT', count, 'STREAMS', c.stream, '>')
     if not got or #got == 0 or #got[1][2] == 0 then return taken, false, true end
     local entries = got[1][2]
+    -- Fewer than asked for: the group has read the whole stream (nothing can be added
+    -- while a script runs), so no second XREADGROUP to find that out.
+    local drained = #entries < count
     redis.call('HINCRBY', c.meta, 'read', #entries)
     for _, e in ipairs(entries) do
       scanned = scanned + 1
@@ -201,14 +204,18 @@ local function take_new(c, consumer, want, lease_ms, scan_limit, now, emit)
         end
       end
     end
+    if drained then return taken, false, true end
   end
   return taken, false, false
 end
 
--- One netstring ("<length>:<bytes>"), the framing of a hand-over in a wake-up.
-local function netstring(v)
+-- Append one netstring ("<length>:<bytes>"), the framing of a hand-over in a wake-up, to
+-- ``parts`` as two pieces: the whole payload is then one table.concat, where a string per
+-- netstring, per row and per consumer copied every body three times more.
+local function netstring(parts, v)
   v = tostring(v)
-  return #v .. ':' .. v
+  parts[#parts + 1] = #v .. ':'
+  parts[#parts + 1] = v
 end
 
 -- Hand what the topic's groups have not read to one registered idle consumer per group
@@ -230,8 +237,13 @@ local function hand_over(c, now)
       local rows = {}
       local function emit(m, attempt, f)
         local k = f['k']
-        local row = {m, attempt, '', f['h'] or '{}', f['b'] or '', k and '1' or '0', k or ''}
-        for _, v in ipairs(row) do rows[#rows + 1] = netstring(v) end
+        netstring(rows, m)
+        netstring(rows, attempt)
+        netstring(rows, '')
+        netstring(rows, f['h'] or '{}')
+        netstring(rows, f['b'] or '')
+        netstring(rows, k and '1' or '0')
+        netstring(rows, k or '')
       end
       local ok, taken = pcall(take_new, g, consumer, free, lease_ms, free + 256, now, emit)
       if not ok then
@@ -248,8 +260,10 @@ local function hand_over(c, now)
           local left = G .. ' ' .. (free - taken) .. ' ' .. lease_ms .. ' ' .. till
           redis.call('HSET', c.ic, consumer, left)
         end
-        parts[#parts + 1] = netstring(consumer) .. netstring(taken) .. netstring(full and 1 or 0)
-          .. table.concat(rows)
+        netstring(parts, consumer)
+        netstring(parts, taken)
+        netstring(parts, full and 1 or 0)
+        for _, piece in ipairs(rows) do parts[#parts + 1] = piece end
       end
     end
   end

@@ -43,7 +43,7 @@ import orjson
 from redis.asyncio import ConnectionPool
 
 from wirework.brokers.redis_link import Backoff, log, translate, where
-from wirework.brokers.redis_scripts import Script
+from wirework.brokers.redis_scripts import Command
 from wirework.envelope import WireMessage
 from wirework.errors import BrokerError, ConfigurationError
 
@@ -74,15 +74,9 @@ MAX_UNREAD = 10_000
 
 _TOKEN = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
 
-# ARGV: prefix, token, headers JSON, body, cap. The stream is never created by a reply.
-_SEND = Script(
-    "send_reply",
-    r"""
-local key = ARGV[1] .. 'reply:' .. ARGV[2]
-return redis.call('XADD', key, 'NOMKSTREAM', 'MAXLEN', '~', ARGV[5], '*',
-                  'h', ARGV[3], 'b', ARGV[4])
-""",
-)
+#: A reply: one XADD to the caller's stream, capped, which never creates the stream
+#: (NOMKSTREAM); sent as a plain command, with no script around it.
+_SEND = Command("XADD")
 
 
 def _token(address: str) -> str | None:
@@ -125,11 +119,16 @@ class RedisReplies:
         broker._check_open()
         broker.check_size(replyto, message)
         args: list[str | bytes | int] = [
-            broker.prefix,
-            token,
-            orjson.dumps(dict(message.headers)),
-            message.body,
+            broker.prefix + "reply:" + token,
+            "NOMKSTREAM",
+            "MAXLEN",
+            "~",
             MAX_UNREAD,
+            "*",
+            "h",
+            orjson.dumps(dict(message.headers)),
+            "b",
+            message.body,
         ]
         await broker._link.call(
             _SEND,
@@ -247,6 +246,10 @@ class RedisInbox:
                     last = trim = entry_id
                     untrimmed += 1
                     yield _message(fields)
+                if entries:
+                    # The callers these replies woke run first: the next read is a socket
+                    # write, which would otherwise go before any of them got its answer.
+                    await asyncio.sleep(0)
         finally:
             if connection is not None:
                 await self._drop(connection)
