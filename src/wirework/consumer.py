@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import random
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -198,23 +199,25 @@ class Consumer:
         the current subscription: the consumer subscribes again after a backoff
         (50 ms doubling to 5 s), so a transient fault never stops it for good.
         """
-        # One reader task takes deliveries from the subscription into a short queue, and
-        # ``concurrency`` long-lived workers take them from it. A worker that is done takes
-        # the next delivery without waiting when one is queued, so handlers that finish
-        # without waiting cost no task switch a message; the reader is woken about once a
-        # queue's worth. Workers taking turns at reading the subscription themselves (a
-        # lock) cost a switch and a future a message once acks no longer held them: 52
-        # instead of 31 us of event loop a message with 8 workers (SQLite, fast, window
-        # 100). The queue holds at most ``concurrency``: deliveries are taken no faster
-        # than the workers can start them, and leases do not run out in a long queue.
+        # Workers take turns at reading the subscription, and the one that read a delivery
+        # handles it itself: it reaches its handler with no task switch (a reader task
+        # feeding a queue cost one on the way to an idle handler: request-reply latency).
+        # The reader wakes one waiting worker to read next, and only one woken worker is
+        # on its way at a time, so while deliveries come without waiting, one worker reads
+        # and handles them and the others sleep. A lock taken in turn (first come first
+        # served, a future each time) cost a switch a message: 52 instead of 31 us of event
+        # loop a message with 8 workers once acks no longer held them (SQLite, fast,
+        # window 100). At most ``concurrency`` deliveries are in hand.
         try:
             deliveries = self.broker.subscribe(self.subscription)
         except BaseException:
             self._done.set()  # stop() must not wait for a run that never began
             raise
-        queue: asyncio.Queue[Delivery] = asyncio.Queue(self.concurrency)
-        room = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        waiting: deque[asyncio.Future[None]] = deque()
         busy: set[asyncio.Task[None]] = set()
+        reader: asyncio.Task[None] | None = None
+        woken = False
         pause = _RESUBSCRIBE_FIRST
 
         async def next_delivery() -> Delivery | None:
@@ -240,30 +243,38 @@ class Consumer:
                         return None
                     deliveries = self.broker.subscribe(self.subscription)
 
-        async def read() -> None:
+        def wake_one() -> None:
+            nonlocal woken
+            while waiting:
+                follower = waiting.popleft()
+                if not follower.done():
+                    follower.set_result(None)
+                    woken = True
+                    return
+
+        async def work() -> None:
+            nonlocal reader, woken
+            me = asyncio.current_task()
+            assert me is not None
             while not self._stop.is_set():
-                while queue.full():
-                    # Room first, then read: a full queue leaves no read (nor claim) open.
-                    room.clear()
-                    await room.wait()
-                    if self._stop.is_set():
-                        return
-                delivery = await next_delivery()
+                if reader is not None:
+                    turn: asyncio.Future[None] = loop.create_future()
+                    waiting.append(turn)
+                    await turn
+                    woken = False
+                    continue
+                reader = me
+                try:
+                    delivery = await next_delivery()
+                finally:
+                    reader = None
                 if delivery is None:
                     self._stop.set()  # the subscription ended: so does this consumer
                     return
                 if self._stop.is_set():
                     return  # not started: handed back when the iteration closes
-                queue.put_nowait(delivery)
-
-        async def work() -> None:
-            me = asyncio.current_task()
-            assert me is not None
-            while not self._stop.is_set():
-                delivery = await queue.get()
-                room.set()
-                if self._stop.is_set():
-                    return  # not started: handed back when the iteration closes
+                if not woken:
+                    wake_one()  # to read while this one handles
                 busy.add(me)
                 try:
                     await self._handle(delivery)
@@ -272,21 +283,21 @@ class Consumer:
 
         try:
             async with asyncio.TaskGroup() as tasks:
-                reader = tasks.create_task(read())
                 workers = {tasks.create_task(work()) for _ in range(self.concurrency)}
                 await self._stop.wait()
-                for worker in workers - busy:
-                    worker.cancel()  # waiting for a delivery
+                for worker in workers - busy - {reader}:
+                    worker.cancel()  # waiting for its turn to read
                 await self._wait_out_grace(busy)
                 late = set(busy)
                 for worker in late:
                     worker.cancel()
                 if late:
                     await asyncio.wait(late)
-                reader.cancel()  # the pending read, cancelled once handlers are done
+                if reader is not None:
+                    reader.cancel()  # the pending read, cancelled once handlers are done
         finally:
             # The acks of handled messages go in before the iteration closes, and closing
-            # it hands back whatever it still held (the queued ones too), after the handlers.
+            # it hands back whatever it still held, after the handlers.
             if self._acks:
                 await asyncio.wait(set(self._acks))
             with contextlib.suppress(Exception):
