@@ -181,9 +181,9 @@ class Consumer:
         """Begin ``stop`` now, without waiting: no handler starts after this call returns.
 
         For an owner that decides to stop outside a coroutine (a signal handler, a
-        runner's stop request): a worker that finishes its handler takes the next
-        queued delivery without waiting, so a stop that arrived a loop iteration
-        later would let it start.
+        runner's stop request): a worker that finishes its handler reads the next
+        delivery without waiting when the subscription has one ready, so a stop that
+        arrived a loop iteration later would let it start.
         """
         if not self._stop.is_set():
             self._grace = grace
