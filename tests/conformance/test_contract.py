@@ -29,6 +29,10 @@ async def test_ack_removes_the_message(target: ConformanceTarget) -> None:
     await conformance.check_ack_removes_the_message(target)
 
 
+async def test_start_ack_is_an_ack_begun(target: ConformanceTarget) -> None:
+    await conformance.check_start_ack_is_an_ack_begun(target)
+
+
 async def test_failures_keep_attempts_and_times(target: ConformanceTarget) -> None:
     await conformance.check_failures_keep_attempts_and_times(target)
 

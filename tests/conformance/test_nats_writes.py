@@ -11,7 +11,6 @@ proves in its first line.
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Iterable
 
 import pytest
@@ -20,9 +19,9 @@ from hypothesis import strategies as st
 from nats.aio.client import Client
 from pydantic import BaseModel
 
-from tests.helpers.services import require_service
+from tests.conformance.conftest import server_target_of
 from wirework.brokers.base import Subscription
-from wirework.brokers.nats import NatsBroker, NatsSettings, purge_namespace
+from wirework.brokers.nats import NatsBroker
 from wirework.brokers.nats_client import ACK_DELAY, parse_header_lines
 from wirework.brokers.nats_delivery import NatsDelivery
 from wirework.envelope import Envelope, encode_binary
@@ -35,21 +34,16 @@ class Note(BaseModel):
     n: int
 
 
-URL = "nats://127.0.0.1:4222"
 TOPIC = "writes"
 GROUP = "g"
 
 
 @pytest.fixture
 async def broker() -> AsyncIterator[NatsBroker]:
-    require_service("NATS", "127.0.0.1", 4222)
-    namespace = f"wwtest-{uuid.uuid4().hex[:12]}"
-    opened = NatsBroker(URL, settings=NatsSettings(namespace=namespace))
-    try:
+    async with server_target_of("nats") as target:
+        opened = await target.open()
+        assert isinstance(opened, NatsBroker)
         yield opened
-    finally:
-        await opened.aclose()
-        await purge_namespace(URL, namespace)
 
 
 SUBSCRIPTION = Subscription(topic=TOPIC, group=GROUP, lease_timeout=30.0)

@@ -8,7 +8,6 @@ suite) and say what each one proves in its first line.
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,9 +15,9 @@ import orjson
 import pytest
 import redis.asyncio
 
-from tests.helpers.services import require_service
+from tests.conformance.conftest import server_target_of
 from wirework.brokers import redis_replies
-from wirework.brokers.redis import RedisBroker, RedisSettings, purge_namespace
+from wirework.brokers.redis import RedisBroker
 from wirework.envelope import WireMessage
 from wirework.testing.conformance import wait_until
 
@@ -29,14 +28,10 @@ URL = "redis://127.0.0.1:6379/0"
 
 @pytest.fixture
 async def broker() -> AsyncIterator[RedisBroker]:
-    require_service("Redis", "127.0.0.1", 6379)
-    namespace = f"wwtest-{uuid.uuid4().hex[:12]}"
-    opened = RedisBroker(URL, settings=RedisSettings(namespace=namespace))
-    try:
+    async with server_target_of("redis") as target:
+        opened = await target.open()
+        assert isinstance(opened, RedisBroker)
         yield opened
-    finally:
-        await opened.aclose()
-        await purge_namespace(URL, namespace)
 
 
 @pytest.fixture

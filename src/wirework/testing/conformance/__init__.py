@@ -28,6 +28,7 @@ Which contract point each check covers (numbers as in ``base.py``):
    ``check_competing_consumers_share_a_group``
 2. durable publish: ``check_publish_is_durable``
 3. ack, nack, dead letters: ``check_ack_removes_the_message``,
+   ``check_start_ack_is_an_ack_begun``,
    ``check_failures_keep_attempts_and_times``,
    ``check_dead_letters_list_filter_and_get``,
    ``check_replay_returns_to_the_original_group_only``, and through the
@@ -97,6 +98,7 @@ from wirework.testing.conformance.contract import (
     check_publish_is_durable,
     check_replay_returns_to_the_original_group_only,
     check_settling_twice_raises,
+    check_start_ack_is_an_ack_begun,
     check_start_position_earliest_and_latest,
     check_undecodable_bytes_arrive_unchanged,
 )
@@ -111,6 +113,7 @@ ALL_CHECKS: tuple[Check, ...] = (
     check_competing_consumers_share_a_group,
     check_publish_is_durable,
     check_ack_removes_the_message,
+    check_start_ack_is_an_ack_begun,
     check_failures_keep_attempts_and_times,
     check_dead_letters_list_filter_and_get,
     check_replay_returns_to_the_original_group_only,
@@ -167,6 +170,7 @@ __all__ = [
     "check_replay_returns_to_the_original_group_only",
     "check_schema_violations_dead_letter_with_field",
     "check_settling_twice_raises",
+    "check_start_ack_is_an_ack_begun",
     "check_start_position_earliest_and_latest",
     "check_transient_failures_then_success",
     "check_undecodable_bytes_arrive_unchanged",

@@ -153,6 +153,32 @@ async def check_ack_removes_the_message(target: ConformanceTarget) -> None:
         assert ids(await take(deliveries, 1, ack=True)) == ["m3"]
 
 
+async def check_start_ack_is_an_ack_begun(target: ConformanceTarget) -> None:
+    """``start_ack`` either settles at once and its future ending is the ack (the message is
+    gone for good), or returns None and leaves the delivery to ``ack()``."""
+    broker = await target.open()
+    topic = "conformance.start_ack"
+    for n in range(3):
+        await broker.publish(topic, item(n))
+    async with subscribed(broker, Subscription(topic=topic, group="g")) as deliveries:
+        begun, *others = await take(deliveries, 3)
+        acking = begun.start_ack()
+        if acking is None:
+            assert not begun.settled, "start_ack returned None, yet settled the delivery"
+            await begun.ack()
+        else:
+            assert begun.settled, "start_ack began an ack without settling the delivery"
+            with raises(AlreadySettledError, "start_ack twice"):
+                begun.start_ack()
+            await acking
+        for other in others:
+            await other.ack()
+        await wait_for_backlog(broker, topic, "g", 0)
+        # An ack begun but not held would bring its message back before this later one.
+        await broker.publish(topic, item(3))
+        assert ids(await take(deliveries, 1, ack=True)) == ["m3"]
+
+
 async def check_failures_keep_attempts_and_times(target: ConformanceTarget) -> None:
     """nack brings a message back with attempt + 1 and its first failure time kept, and the
     dead-letter record carries attempts, first and last failure time and the last error."""
