@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import base64
 import builtins
+import os
 import re
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -146,23 +146,61 @@ class Envelope(BaseModel):
         replyto: str | None = None,
         id: str | None = None,
         time: datetime | None = None,
+        extensions: Mapping[str, str] | None = None,
     ) -> Envelope:
         """Make an event around a pydantic body, with a fresh id and correlation.
 
         A fresh event starts its own correlation (its id) unless one is given.
+        ``extensions`` are further CloudEvents extension attributes.
+        Every publish and every reply makes one, so well-typed arguments skip
+        pydantic's validation (7.1 us to 4.9 us with a 1 KiB body, timeit);
+        anything else goes through it, and fails as validation fails.
         """
-        event_id = id or uuid.uuid4().hex
+        event_id = id or _new_id()
+        moment = time or datetime.now(UTC)
+        data = encode_body(body) if body is not None else b""
+        if (
+            moment.__class__ is datetime
+            and _well_typed(
+                (type, source, event_id), (key, subject, correlationid, causationid, replyto)
+            )
+            and (extensions is None or _text_map(extensions))
+        ):
+            if moment.tzinfo is None:
+                moment = moment.replace(tzinfo=UTC)
+            return _made(
+                {
+                    "id": event_id,
+                    "source": source,
+                    "type": type,
+                    "specversion": "1.0",
+                    "time": moment,
+                    "datacontenttype": JSON_CONTENT_TYPE,
+                    "dataschema": None,
+                    "subject": subject,
+                    "correlationid": correlationid or event_id,
+                    "causationid": causationid,
+                    "replyto": replyto,
+                    "traceparent": None,
+                    "tracestate": None,
+                    "key": key,
+                    "extensions": {} if extensions is None else dict(extensions),
+                    "data": data,
+                },
+                _NEW_FIELDS if extensions is not None else _NEW_PLAIN,
+            )
         return cls(
             id=event_id,
             source=source,
             type=type,
-            time=time or datetime.now(UTC),
+            time=moment,
             subject=subject,
             key=key,
             correlationid=correlationid or event_id,
             causationid=causationid,
             replyto=replyto,
-            data=encode_body(body) if body is not None else b"",
+            data=data,
+            extensions={} if extensions is None else extensions,
         )
 
     def carrying(self, traceparent: str, tracestate: str | None) -> Envelope:
@@ -194,6 +232,68 @@ class Envelope(BaseModel):
             SchemaValidationError: the JSON breaks the model; ``field`` points at it.
         """
         return decode_body(self.data, model)
+
+
+#: The fields ``Envelope.new`` sets, as pydantic would record them.
+_NEW_FIELDS = frozenset(
+    (
+        "id",
+        "source",
+        "type",
+        "time",
+        "subject",
+        "key",
+        "correlationid",
+        "causationid",
+        "replyto",
+        "extensions",
+        "data",
+    )
+)
+_NEW_PLAIN = _NEW_FIELDS - {"extensions"}
+
+
+def _new_id() -> str:
+    """A random (version 4) UUID as 32 hex digits, as ``uuid.uuid4().hex`` writes it.
+
+    Made from the bytes directly: ``uuid4`` builds a ``UUID`` object on the way,
+    2.0 us of the 7.4 us an envelope took; this takes 0.6 us.
+    """
+    raw = bytearray(os.urandom(16))
+    raw[6] = (raw[6] & 0x0F) | 0x40
+    raw[8] = (raw[8] & 0x3F) | 0x80
+    return raw.hex()
+
+
+def _well_typed(required: tuple[Any, ...], optional: tuple[Any, ...]) -> bool:
+    """Required values are non-empty ``str``, optional ones ``str`` or ``None`` (no subclass)."""
+    for value in required:
+        if value.__class__ is not str or not value:
+            return False
+    return all(value is None or value.__class__ is str for value in optional)
+
+
+def _text_map(values: Mapping[str, str]) -> bool:
+    for name, value in values.items():
+        if name.__class__ is not str or value.__class__ is not str:
+            return False
+    return True
+
+
+def _made(values: dict[str, Any], fields_set: frozenset[str]) -> Envelope:
+    """An envelope of ``values`` (every field, in field order), built without validation.
+
+    Only for values that already have the type and form their field asks for,
+    so validating would just copy them; callers check that, and validate
+    whatever they cannot vouch for. As in ``carrying``.
+    """
+    made = Envelope.__new__(Envelope)
+    _set = object.__setattr__
+    _set(made, "__dict__", values)
+    _set(made, "__pydantic_extra__", None)  # extra="ignore": never set
+    _set(made, "__pydantic_private__", None)  # no private attributes
+    _set(made, "__pydantic_fields_set__", set(fields_set))
+    return made
 
 
 def encode_body(body: BaseModel) -> bytes:
@@ -285,6 +385,10 @@ def _escape(token: str) -> str:
     return token.replace("~", "~0").replace("/", "~1")
 
 
+#: (field, header) of every attribute a binary message carries, in header order.
+_HEADER_NAMES = tuple((name, f"ce-{name}") for name in (*CORE_ATTRIBUTES, *EXTENSIONS))
+
+
 def _attributes(envelope: Envelope) -> dict[str, str]:
     values: dict[str, str] = {}
     for name in (*CORE_ATTRIBUTES, *EXTENSIONS):
@@ -305,16 +409,35 @@ def _format_time(moment: datetime) -> str:
 
 
 def encode_binary(envelope: Envelope) -> WireMessage:
-    """Binary mode: attributes as percent-encoded ``ce-*`` headers, the body untouched."""
-    headers = {
-        f"ce-{name}": value
-        if _NEEDS_NO_QUOTING.fullmatch(value)
-        else quote(value, safe=_HEADER_SAFE)
-        for name, value in _attributes(envelope).items()
-    }
-    if envelope.datacontenttype is not None:
-        headers["content-type"] = envelope.datacontenttype
-    return WireMessage(headers=headers, body=envelope.data)
+    """Binary mode: attributes as percent-encoded ``ce-*`` headers, the body untouched.
+
+    On every publish, so read from the model's ``__dict__`` in one pass, with one
+    regex match over all values for the usual case of nothing to escape (5.7 us
+    to 3.6 us, timeit).
+    """
+    values = envelope.__dict__
+    headers: dict[str, str] = {}
+    for name, header in _HEADER_NAMES:
+        value = values[name]
+        if value is not None:
+            headers[header] = value if value.__class__ is str else _text(value)
+    for name, value in envelope.extensions.items():
+        if name not in _KNOWN:  # an extension never overrides an attribute, data included
+            headers.setdefault(f"ce-{name}", value)
+    # The separator is safe itself, so the whole matches exactly when every value does.
+    if not _NEEDS_NO_QUOTING.fullmatch("!".join(headers.values())):
+        headers = {
+            header: value if _NEEDS_NO_QUOTING.fullmatch(value) else quote(value, safe=_HEADER_SAFE)
+            for header, value in headers.items()
+        }
+    content_type = values["datacontenttype"]
+    if content_type is not None:
+        headers["content-type"] = content_type
+    return WireMessage(headers=headers, body=values["data"])
+
+
+def _text(value: Any) -> str:
+    return _format_time(value) if isinstance(value, datetime) else str(value)
 
 
 def encode_structured(envelope: Envelope) -> WireMessage:

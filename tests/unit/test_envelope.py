@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -16,7 +17,7 @@ from cloudevents.v1 import conversion as ce_legacy
 from cloudevents.v1.http import CloudEvent as LegacyCloudEvent
 from hypothesis import given
 from hypothesis import strategies as st
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from wirework.envelope import (
     JSON_CONTENT_TYPE,
@@ -273,6 +274,107 @@ def test_binary_headers_are_percent_encoded_ascii() -> None:
     assert all(value.isascii() and " " not in value for value in headers.values())
     assert headers["ce-subject"] == "order%2042:%20%22rush%22%20100%25%20%C3%BCn%C3%AFcode"
     assert headers["ce-tracestate"] == OUR_EXTENSIONS["tracestate"]  # nothing to escape
+
+
+# --- Envelope.new builds without pydantic when it may: the same envelope, the same refusals ---
+
+
+def _validated(**values: Any) -> Envelope:
+    """What ``Envelope.new`` made before it skipped validation: the model's own constructor."""
+    return Envelope(**values)
+
+
+NEW_ARGUMENTS: list[dict[str, Any]] = [
+    {},
+    {"key": "k-1", "subject": "order 42", "replyto": "inbox.1"},
+    {"correlationid": "c-1", "causationid": "e-0", "id": "e-1"},
+    {"time": datetime(2026, 11, 27, 13, 0, tzinfo=timezone(timedelta(hours=2)))},
+    {"time": datetime(2026, 11, 27, 13, 0)},  # naive: taken to be UTC
+    {"extensions": {"tenant": "acme"}},
+]
+
+
+@pytest.mark.parametrize("arguments", NEW_ARGUMENTS)
+def test_new_makes_what_validation_makes(arguments: dict[str, Any]) -> None:
+    """Equal values, the same types, the same fields set: nothing tells the fast path apart."""
+    made = Envelope.new("shop.order.placed", ORDER, source="/shop", **arguments)
+    expected = _validated(
+        id=made.id,
+        source="/shop",
+        type="shop.order.placed",
+        time=made.time,
+        subject=arguments.get("subject"),
+        key=arguments.get("key"),
+        correlationid=arguments.get("correlationid", made.id),
+        causationid=arguments.get("causationid"),
+        replyto=arguments.get("replyto"),
+        data=ORDER.model_dump_json().encode(),
+        **({"extensions": arguments["extensions"]} if "extensions" in arguments else {}),
+    )
+
+    assert made == expected
+    assert made.model_dump() == expected.model_dump()
+    assert made.model_fields_set == expected.model_fields_set
+    assert made.time is not None
+    assert made.time.tzinfo is not None
+    if "time" in arguments and arguments["time"].tzinfo is None:
+        assert made.time == arguments["time"].replace(tzinfo=UTC)
+
+
+def test_new_ids_are_version_4_uuids() -> None:
+    ids = {Envelope.new("t", source="/s").id for _ in range(1000)}
+
+    assert len(ids) == 1000
+    for event_id in ids:
+        parsed = uuid.UUID(hex=event_id)
+        assert parsed.version == 4
+        assert parsed.variant == uuid.RFC_4122
+        assert parsed.hex == event_id
+
+
+def test_new_keeps_its_own_copy_of_the_extensions() -> None:
+    extensions = {"tenant": "acme"}
+    made = Envelope.new("t", source="/s", extensions=extensions)
+    extensions["tenant"] = "changed"
+
+    assert made.extensions == {"tenant": "acme"}
+
+
+@pytest.mark.parametrize(
+    ("arguments", "field"),
+    [
+        ({"type": ""}, "type"),
+        ({"source": ""}, "source"),
+        ({"type": 42}, "type"),
+        ({"key": 7}, "key"),
+        ({"replyto": b"inbox"}, "replyto"),  # pydantic makes it "inbox"
+        ({"time": "2026-11-27T13:00:00Z"}, "time"),  # pydantic parses it
+        ({"extensions": {"tenant": 1}}, "extensions"),
+    ],
+)
+def test_new_treats_ill_typed_arguments_as_validation_does(
+    arguments: dict[str, Any], field: str
+) -> None:
+    """Ill-typed arguments go through pydantic: refused as it refuses, or made as it makes them."""
+    values: dict[str, Any] = {"type": "t", "source": "/s", **arguments}
+    type_ = values.pop("type")
+    try:
+        expected = Envelope(type=type_, id="e", **values)
+    except ValidationError:
+        with pytest.raises(ValidationError):
+            Envelope.new(type_, **values)
+    else:
+        made = Envelope.new(type_, **values)
+        assert getattr(made, field) == getattr(expected, field)
+
+
+def test_binary_values_are_escaped_when_any_one_needs_it() -> None:
+    """One match over all values decides; each value is then escaped on its own."""
+    headers = encode_binary(Envelope.new("t", source="/s", subject="a b", key="plain")).headers
+
+    assert headers["ce-subject"] == "a%20b"
+    assert headers["ce-key"] == "plain"
+    assert headers["ce-type"] == "t"
 
 
 # --- round trips ---------------------------------------------------------------------------

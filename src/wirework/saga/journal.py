@@ -159,8 +159,14 @@ async def _publish(
     tx: Transaction, saga_id: str, name: str, status: SagaStatus, event_type: str, **extra: Any
 ) -> None:
     body = SagaChanged(saga_id=saga_id, saga=name, status=status, **extra)
-    envelope = Envelope.new(event_type, body, source=SOURCE, key=saga_id, subject=saga_id)
-    envelope = envelope.model_copy(update={"extensions": {SAGA_EXTENSION: saga_id}})
+    envelope = Envelope.new(
+        event_type,
+        body,
+        source=SOURCE,
+        key=saga_id,
+        subject=saga_id,
+        extensions={SAGA_EXTENSION: saga_id},
+    )
     await tx.publish(TOPIC, envelope)
 
 

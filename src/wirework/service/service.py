@@ -529,7 +529,7 @@ class Service:
         """
         incoming = current_incoming.get()
         causation = incoming.envelope if incoming is not None else None
-        envelope = Envelope.new(
+        return Envelope.new(
             event_type(type(body)),
             body,
             source=f"/{self.name}",
@@ -538,10 +538,8 @@ class Service:
             causationid=causation.id if causation else None,
             correlationid=(causation.correlationid or causation.id) if causation else None,
             time=self.clock.now(),
+            extensions=extensions or None,
         )
-        if extensions:
-            envelope = envelope.model_copy(update={"extensions": extensions})
-        return envelope
 
     async def publish(
         self, topic: str, event: BaseModel, *, key: str | None = None, delay: float = 0.0
