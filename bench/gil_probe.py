@@ -1,0 +1,95 @@
+"""Why an in-process SQLite broker cannot reach half its floor: the writer thread and the GIL.
+
+``python -m bench.gil_probe [messages]``. Runs the floor's own transactions
+(``bench.floor``: the broker's SQL, publish, claims of 16, ack, fast) on a
+thread, as the broker's writer runs them, beside a main thread that is either
+idle (the baseline: the floor's own speed) or busy with plain Python, as an
+event loop handling messages is. Then again for several switch intervals.
+
+What it shows: ``sqlite3`` lets go of the GIL for every step of every
+statement (each row a ``RETURNING`` or ``SELECT`` hands back is a step), and a
+thread that wants the GIL back while the other thread runs Python waits for
+that thread to block, or for the switch interval (5 ms by default) to force a
+switch. So the writer runs its SQL while the loop idles, not beside it: loop
+and writer alternate, and the broker's in-process throughput is their sum, not
+the larger of the two. A shorter interval only trades that for a wait a step.
+The probe is the evidence for the ratio targets of issue 2 (see docs/sqlite.md,
+"Throughput in one process").
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from bench import floor
+from bench.payload import make_messages
+
+CLAIM_SIZE = 16
+#: Busy-work chunk of the main thread between checks: about 50 us of pure Python.
+_CHUNK = 2_000
+
+
+def writer_rate(messages: int, *, busy: bool, interval: float) -> tuple[float, int]:
+    """The floor's msg/s on a second thread; and how many busy chunks the main thread ran."""
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(interval)
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            outcome: dict[str, float] = {}
+            message = make_messages(1)[0]
+
+            def write() -> None:
+                # A connection belongs to the thread that opened it, as in the broker.
+                db = floor.FloorDb(Path(scratch) / "probe.db", durability="fast", message=message)
+                try:
+                    outcome["rate"] = floor.throughput(
+                        db,
+                        count=messages,
+                        claim_size=CLAIM_SIZE,
+                        commits=-(-messages // CLAIM_SIZE),
+                    )
+                finally:
+                    db.close()
+
+            thread = threading.Thread(target=write)
+            thread.start()
+            chunks = 0
+            while thread.is_alive():
+                if busy:
+                    total = 0
+                    for number in range(_CHUNK):
+                        total += number
+                    chunks += 1
+                else:
+                    thread.join(0.01)
+            thread.join()
+            return outcome["rate"], chunks
+    finally:
+        sys.setswitchinterval(previous)
+
+
+def main() -> None:
+    messages = int(sys.argv[1]) if len(sys.argv) > 1 else 20_000
+    baseline, _ = writer_rate(messages, busy=False, interval=0.005)
+    print(f"floor on a thread, main thread idle: {baseline:,.0f} msg/s (the baseline)")
+    print(f"busy runs: {max(CLAIM_SIZE, messages // 20):,} messages each")
+    print(f"{'main thread':<12} {'switch interval':>15} {'writer msg/s':>13} {'x baseline':>11}")
+    # A twentieth of the messages when busy: at the default interval the writer does
+    # about a hundred a second.
+    busy_messages = max(CLAIM_SIZE, messages // 20)
+    for interval in (0.005, 0.0005, 0.0001, 0.00002):
+        started = time.perf_counter()
+        rate, chunks = writer_rate(busy_messages, busy=True, interval=interval)
+        seconds = time.perf_counter() - started
+        print(
+            f"{'busy':<12} {interval * 1e6:>12.0f} us {rate:>13,.0f} {rate / baseline:>11.3f}"
+            f"   (main thread: {chunks / seconds:,.0f} chunks/s)"
+        )
+
+
+if __name__ == "__main__":
+    main()
