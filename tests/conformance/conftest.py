@@ -17,10 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import redis.asyncio
 
 from tests.helpers.services import require_service
 from wirework.brokers import connect
 from wirework.testing.conformance import ConformanceTarget, InstanceTarget, UrlTarget
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,7 @@ BACKENDS: dict[str, Backend] = {
     ),
     "sqlite": Backend(lambda tmp_path: UrlTarget(f"sqlite:///{tmp_path}/b.db", name="sqlite")),
     "redis": Backend(
-        lambda _: server_target("redis://127.0.0.1:6379/0", "redis"),
+        lambda _: server_target(REDIS_URL, "redis"),
         service=("Redis", "127.0.0.1", 6379),
         marks=(pytest.mark.ext,),
     ),
@@ -111,3 +114,16 @@ async def target(
         yield built
     finally:
         await built.aclose()
+
+
+@pytest.fixture
+async def redis_client() -> AsyncIterator[redis.asyncio.Redis]:
+    """A plain redis-py client of the shared server, for checks that look at its keys."""
+    service = BACKENDS["redis"].service
+    assert service is not None
+    require_service(*service)
+    opened = redis.asyncio.Redis.from_url(REDIS_URL)
+    try:
+        yield opened
+    finally:
+        await opened.aclose()

@@ -23,8 +23,6 @@ from wirework.testing.conformance import wait_until
 
 pytestmark = pytest.mark.ext
 
-URL = "redis://127.0.0.1:6379/0"
-
 
 @pytest.fixture
 async def broker() -> AsyncIterator[RedisBroker]:
@@ -34,29 +32,20 @@ async def broker() -> AsyncIterator[RedisBroker]:
         yield opened
 
 
-@pytest.fixture
-async def client() -> AsyncIterator[redis.asyncio.Redis]:
-    opened = redis.asyncio.Redis.from_url(URL)
-    try:
-        yield opened
-    finally:
-        await opened.aclose()
-
-
 REPLY = WireMessage(headers={"ce-id": "r1", "ce-source": "/a b"}, body=b'{"n": 1}')
 
 
 async def test_a_reply_lands_as_one_entry_of_headers_and_body(
-    broker: RedisBroker, client: redis.asyncio.Redis
+    broker: RedisBroker, redis_client: redis.asyncio.Redis
 ) -> None:
     """A reply is one stream entry in the caller's inbox: its headers as JSON, its body as is."""
     replies = broker.direct_replies()
     inbox = await replies.open_reply_inbox("caller")
     try:
-        before = await client.xlen(inbox.key)
+        before = await redis_client.xlen(inbox.key)
         await replies.send_reply(inbox.address, REPLY)
-        entries = await client.xrange(inbox.key)
-        assert await client.xlen(inbox.key) == before + 1
+        entries = await redis_client.xrange(inbox.key)
+        assert await redis_client.xlen(inbox.key) == before + 1
         assert entries, "the reply is in the stream"
         fields = entries[-1][1]
         assert fields is not None
@@ -68,16 +57,16 @@ async def test_a_reply_lands_as_one_entry_of_headers_and_body(
 
 
 async def test_a_reply_to_an_inbox_that_is_gone_leaves_nothing(
-    broker: RedisBroker, client: redis.asyncio.Redis
+    broker: RedisBroker, redis_client: redis.asyncio.Redis
 ) -> None:
     """A reply to a caller whose stream is gone (stopped, or expired) is dropped: it never
     creates the stream again, so nothing is left behind that nobody reads."""
     replies = broker.direct_replies()
     inbox = await replies.open_reply_inbox("caller")
     await inbox.aclose()
-    assert not await client.exists(inbox.key)
+    assert not await redis_client.exists(inbox.key)
     await replies.send_reply(inbox.address, REPLY)
-    assert not await client.exists(inbox.key)
+    assert not await redis_client.exists(inbox.key)
 
 
 async def test_a_caller_woken_by_a_reply_runs_before_the_inbox_reads_again(

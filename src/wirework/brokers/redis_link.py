@@ -45,7 +45,7 @@ from redis.exceptions import (
     ResponseError,
 )
 
-from wirework.brokers.redis_scripts import LIBRARY, ROW_FIELDS, Command, Script
+from wirework.brokers.redis_scripts import LIBRARY, Command, Script
 from wirework.clock import Clock
 from wirework.errors import (
     BrokerClosedError,
@@ -570,23 +570,61 @@ Receiver = Callable[[list[bytes]], None]
 """Takes the rows a publish handed over to one consumer (``ROW_FIELDS`` per row, as a fetch's)."""
 
 
-def handovers(payload: bytes) -> Iterator[tuple[str, list[bytes], bool]]:
-    """(consumer, rows, full) per hand-over in a wake-up's payload: netstrings, per
-    consumer its name, its row count, whether its room is used up, then ROW_FIELDS fields per row
-    (``redis_scripts.hand_over``)."""
-    fields: list[bytes] = []
-    at, end = 0, len(payload)
-    while at < end:
-        colon = payload.index(b":", at)
-        size = int(payload[at:colon])
-        fields.append(payload[colon + 1 : colon + 1 + size])
-        at = colon + 1 + size
-    i = 0
-    while i < len(fields):
-        consumer, count, full = fields[i].decode(), int(fields[i + 1]), fields[i + 2] == b"1"
-        rows = fields[i + 3 : i + 3 + ROW_FIELDS * count]
-        i += 3 + ROW_FIELDS * count
-        yield consumer, rows, full
+#: The first byte of a wake-up's payload in the format ``handovers`` reads.
+HANDOVER_FORMAT = b"\x01"
+
+
+class _Frames:
+    """Reads a hand-over payload: a string is its length (4 bytes, big-endian) and its
+    bytes. Anything that runs past the end raises ValueError: a payload of another
+    version or a stray PUBLISH is refused, never read as short rows."""
+
+    __slots__ = ("at", "payload")
+
+    def __init__(self, payload: bytes) -> None:
+        self.payload = payload
+        self.at = 1
+
+    def number(self, size: int) -> int:
+        at = self.at
+        self.at = end = at + size
+        if end > len(self.payload):
+            raise ValueError("a hand-over payload ends in the middle of a number")
+        return int.from_bytes(self.payload[at:end], "big")
+
+    def string(self) -> bytes:
+        size = self.number(4)
+        at = self.at
+        self.at = end = at + size
+        if end > len(self.payload):
+            raise ValueError("a hand-over payload ends in the middle of a string")
+        return self.payload[at:end]
+
+
+def handovers(payload: bytes) -> list[tuple[str, list[bytes], bool]]:
+    """(consumer, rows, full) per hand-over in a wake-up's payload (``redis_lua``'s
+    ``hand_over`` writes it): per consumer its name, its row count and whether its room is
+    used up, then per row its member, headers, body and key if it has one. The rows come
+    out as a fetch returns them, ROW_FIELDS fields each: a hand-over is a first delivery
+    (attempt 1, no failure recorded). All of it is read before any of it is handed out."""
+    if not payload.startswith(HANDOVER_FORMAT):
+        raise ValueError("not a hand-over payload of this version")
+    frames = _Frames(payload)
+    end = len(payload)
+    found: list[tuple[str, list[bytes], bool]] = []
+    while frames.at < end:
+        consumer = frames.string().decode()
+        count = frames.number(4)
+        full = frames.number(1) == 1
+        rows: list[bytes] = []
+        for _ in range(count):
+            member, headers, body = frames.string(), frames.string(), frames.string()
+            if frames.number(1) == 1:
+                rows += (member, b"1", b"", headers, body, b"1", frames.string())
+            else:
+                rows += (member, b"1", b"", headers, body, b"0", b"")
+        found.append((consumer, rows, full))
+    return found
 
 
 class Doorbell:
@@ -707,6 +745,11 @@ class Doorbell:
                             name, data = found
                             spare = self._hand_safely(data, name)
                             self.ring(name.removeprefix(f"{self._prefix}w:"), spare=spare)
+                            if spare:
+                                # The subscriptions it handed messages to run first: the
+                                # next read (a timeout and a parser turn) would otherwise
+                                # go before any of them took its message.
+                                await asyncio.sleep(0)
             except BrokerError as exc:
                 self._listening = set()
                 self.losses += 1  # hand-overs on their way may be gone with the connection
