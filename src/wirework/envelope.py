@@ -189,19 +189,21 @@ class Envelope(BaseModel):
                 },
                 _NEW_FIELDS if extensions is not None else _NEW_PLAIN,
             )
-        return cls(
-            id=event_id,
-            source=source,
-            type=type,
-            time=moment,
-            subject=subject,
-            key=key,
-            correlationid=correlationid or event_id,
-            causationid=causationid,
-            replyto=replyto,
-            data=data,
-            extensions={} if extensions is None else extensions,
-        )
+        given: dict[str, Any] = {
+            "id": event_id,
+            "source": source,
+            "type": type,
+            "time": moment,
+            "subject": subject,
+            "key": key,
+            "correlationid": correlationid or event_id,
+            "causationid": causationid,
+            "replyto": replyto,
+            "data": data,
+        }
+        if extensions is not None:
+            given["extensions"] = extensions
+        return cls.model_validate(given)
 
     def carrying(self, traceparent: str, tracestate: str | None) -> Envelope:
         """This envelope with ``traceparent``/``tracestate`` replaced; values unchecked.
