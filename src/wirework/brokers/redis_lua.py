@@ -286,19 +286,14 @@ _PUBLISH = r"""
 -- ARGV: prefix, topic, headers, body, has_key, key, delay_ms, publish_id, dedup_ttl_ms, max_length
 local c = ctx(ARGV[2])
 local pid_key = P .. 'pid:' .. ARGV[8]
--- The id is taken first, in the one command that also says whether it was taken before
--- (each command a script runs costs the publish a few us of the caller's wait).
-if not redis.call('SET', pid_key, '1', 'PX', ARGV[9], 'NX') then
+if redis.call('EXISTS', pid_key) == 1 then
   -- Stored by an earlier attempt. A write all the same, so WAITAOF on this connection
   -- covers it, and the AOF (written in order) then holds the earlier attempt too.
   redis.call('PEXPIRE', pid_key, ARGV[9])
   return 2
 end
 local max_length = tonumber(ARGV[10])
-if max_length > 0 and redis.call('XLEN', c.stream) >= max_length then
-  redis.call('DEL', pid_key)  -- nothing stored: a re-send must not pass for a duplicate
-  return 3
-end
+if max_length > 0 and redis.call('XLEN', c.stream) >= max_length then return 3 end
 local now = now_ms()
 local fields = {'h', ARGV[3], 'b', ARGV[4]}
 if ARGV[5] == '1' then
@@ -320,6 +315,11 @@ end
 -- The topic is listed (for stats) with its first message: the list loses it only when
 -- ``tm:T`` goes too (the topic's last group deleted), and ``added`` then starts again at 1.
 if redis.call('HINCRBY', c.tm, 'added', 1) == 1 then redis.call('SADD', P .. 'topics', ARGV[2]) end
+-- The id is remembered last, once the message is stored: a script that fails part way
+-- (Redis does not roll one back) must leave a re-send of this id free to store it. Taking
+-- it first with SET NX saved one call but could turn such a failure, with its reply lost,
+-- into a "duplicate" reported as stored: a lost message.
+redis.call('SET', pid_key, '1', 'PX', ARGV[9])
 local handed = ''
 if due == 0 then handed = hand_over(c, now) end
 if redis.call('DEL', c.idle) == 1 or handed ~= '' then redis.call('PUBLISH', c.wake, handed) end
