@@ -3,7 +3,8 @@
 The acks of one turn of the event loop go out in one write on the next turn,
 never with a JetStream publish (nats-server handles the ack first, which holds
 the PubAck back) and never with or right behind a direct reply (``ACK_DELAY``
-later: the same holds for the reply). These checks run on the shared server
+later: the same holds for the reply). The direct replies of one turn share one
+write on the next turn, too. These checks run on the shared server
 (``-k nats`` selects them with the conformance suite) and say what each one
 proves in its first line.
 """
@@ -177,19 +178,28 @@ async def test_a_direct_reply_leaves_queued_acks_queued(
         await inbox.aclose()
 
 
-async def test_a_direct_reply_is_written_before_send_reply_returns(broker: NatsBroker) -> None:
-    """A reply goes to the socket in ``send_reply`` itself, not on the flusher's next turn:
-    nothing of it is left pending for whatever the responder does next."""
+async def test_the_replies_of_one_turn_share_one_write(broker: NatsBroker) -> None:
+    """Replies sent in one turn of the event loop go out in one socket write on the next turn,
+    not one write each: with many requests in flight, a write per reply (and the server's
+    read of each) cost the responder and the server more CPU than the rest of the reply."""
     replies = broker.direct_replies()
     inbox = await replies.open_reply_inbox("test")
     try:
         nc = await broker.connection.client()
-        reply = encode_binary(Envelope.new("t.answer", Note(n=1), source="/test"))
-        await replies.send_reply(inbox.address, reply)
+        await nc.flush()  # nothing left unwritten
+        writes = Writes(nc)
+        sent = [
+            encode_binary(Envelope.new("t.answer", Note(n=n), source="/test")) for n in range(3)
+        ]
+        await asyncio.gather(*(replies.send_reply(inbox.address, reply) for reply in sent))
+        await asyncio.sleep(0)  # the next turn, on which they are written
         assert nc._pending == []
         assert nc._pending_data_size == 0
-        answered = await anext(aiter(inbox))
-        assert answered.body == reply.body
+        [write] = [write for write in writes.seen if inbox.subject.encode() in write]
+        assert write.count(b"HPUB " + inbox.subject.encode()) == 3
+        received = aiter(inbox)
+        answered = [(await anext(received)).body for _ in sent]
+        assert answered == [reply.body for reply in sent]
     finally:
         await inbox.aclose()
 

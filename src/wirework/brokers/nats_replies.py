@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from wirework.brokers.nats_client import publish_block
 from wirework.brokers.nats_wire import BLOCK_FRAME, decode_headers, header_block
 from wirework.envelope import WireMessage
 from wirework.errors import BrokerError, ConfigurationError, MessageTooLargeError
@@ -111,8 +110,7 @@ class NatsReplies:
         # Queued acks are not handed over here, and those queued right after wait: with
         # (or right behind) a reply, they hold it back (nats_client's module docstring).
         with connection.translate(f"replying to {replyto!r}"):
-            await publish_block(client, subject, "", block, message.body, now=True)
-        connection.reply_written()
+            await connection.reply(subject, block, message.body)
 
 
 class NatsInbox:
