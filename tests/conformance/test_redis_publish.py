@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import types
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import pytest
@@ -222,7 +223,9 @@ async def test_the_listener_lets_the_subscription_take_a_hand_over_before_it_rea
         deliveries = subscriber.subscribe(Subscription(topic=TOPIC, group="g", lease_timeout=LEASE))
         await go_idle(deliveries, publisher, redis_client, namespace)
         taking = asyncio.create_task(anext(deliveries))
-        await asyncio.sleep(0.05)  # it waits for its wake-up now
+        # Until the subscription waits for its wake-up (suspended in an await, not at a yield).
+        generator = cast(types.AsyncGeneratorType[Delivery, None], deliveries)
+        await wait_until(lambda: generator.ag_await is not None, what="the subscription waits")
         events.clear()
         await publisher.publish(TOPIC, message(1))
         delivery = await asyncio.wait_for(taking, 5)
