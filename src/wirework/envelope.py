@@ -14,6 +14,7 @@ import base64
 import builtins
 import os
 import re
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -296,6 +297,30 @@ def _made(values: dict[str, Any], fields_set: frozenset[str]) -> Envelope:
     _set(made, "__pydantic_private__", None)  # no private attributes
     _set(made, "__pydantic_fields_set__", set(fields_set))
     return made
+
+
+EVENT_TYPE_ATTRIBUTE = "__event_type__"
+
+
+def event_type(model: type[BaseModel]) -> str:
+    """The CloudEvents ``type`` of a body model: ``__event_type__`` if set, else the class name.
+
+    Set ``__event_type__: ClassVar[str] = "shop.order_placed"`` on a model to
+    keep the wire name stable when the class is renamed. Here, below the
+    service and the store's outbox, so both name an event the same way.
+    """
+    # Every publish asks; a missing class attribute of a pydantic model costs 1.1 us
+    # to look up (its metaclass's __getattr__), a cache hit 0.1 us.
+    known = _EVENT_TYPES.get(model)
+    if known is None:
+        declared = getattr(model, EVENT_TYPE_ATTRIBUTE, None)
+        known = declared if isinstance(declared, str) and declared else model.__name__
+        _EVENT_TYPES[model] = known
+    return known
+
+
+#: Model class -> its event type; weak, so a model defined at run time can go.
+_EVENT_TYPES: weakref.WeakKeyDictionary[type[BaseModel], str] = weakref.WeakKeyDictionary()
 
 
 def encode_body(body: BaseModel) -> bytes:

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from pydantic import BaseModel
 
-from wirework.service.handlers import _EVENT_TYPES, event_type
+from wirework.envelope import _EVENT_TYPES, event_type
 
 
 class Plain(BaseModel):

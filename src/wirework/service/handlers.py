@@ -12,36 +12,14 @@ not on the first message.
 from __future__ import annotations
 
 import inspect
-import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, get_type_hints
 
 from pydantic import BaseModel
 
+from wirework.envelope import event_type as event_type
 from wirework.errors import ConfigurationError
-
-EVENT_TYPE_ATTRIBUTE = "__event_type__"
-
-
-def event_type(model: type[BaseModel]) -> str:
-    """The CloudEvents ``type`` of a body model: ``__event_type__`` if set, else the class name.
-
-    Set ``__event_type__: ClassVar[str] = "shop.order_placed"`` on a model to
-    keep the wire name stable when the class is renamed.
-    """
-    # Every publish asks; a missing class attribute of a pydantic model costs 1.1 us
-    # to look up (its metaclass's __getattr__), a cache hit 0.1 us.
-    known = _EVENT_TYPES.get(model)
-    if known is None:
-        declared = getattr(model, EVENT_TYPE_ATTRIBUTE, None)
-        known = declared if isinstance(declared, str) and declared else model.__name__
-        _EVENT_TYPES[model] = known
-    return known
-
-
-#: Model class -> its event type; weak, so a model defined at run time can go.
-_EVENT_TYPES: weakref.WeakKeyDictionary[type[BaseModel], str] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)

@@ -45,14 +45,13 @@ from pydantic import BaseModel
 
 from wirework.brokers.base import DEFAULT_MAX_MESSAGE_BYTES, Broker, check_name
 from wirework.consumer import current_incoming
-from wirework.envelope import Envelope, WireMessage, encode_binary
+from wirework.envelope import Envelope, WireMessage, encode_binary, event_type
 from wirework.errors import ConfigurationError, MessageTooLargeError, WireworkError
 from wirework.faults import fault_point
 from wirework.store.base import Row, Store, Transaction
 
 log = logging.getLogger("wirework.store.outbox")
 
-_EVENT_TYPE_ATTRIBUTE = "__event_type__"
 
 #: The one lease row of a store's relays: every relay reads every outbox row, so all of
 #: them must share it (one lease per relay name would let two publish one key at once).
@@ -96,9 +95,7 @@ async def write(
                 "tx.publish(topic, body) needs source= (e.g. '/orders') to build the "
                 "envelope; or pass a ready Envelope"
             )
-        model = event.__class__
-        declared = getattr(model, _EVENT_TYPE_ATTRIBUTE, None)
-        name = type or (declared if isinstance(declared, str) and declared else model.__name__)
+        name = type or event_type(event.__class__)
         # Inside a handler the event is caused by the handled message and joins its flow.
         incoming = current_incoming.get()
         cause = incoming.envelope if incoming is not None else None
