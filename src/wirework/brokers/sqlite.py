@@ -197,6 +197,9 @@ class SqliteBroker(Broker):
     def _submit(
         self, step: Step, request: Any, *, read_only: bool = False, durable: bool = True
     ) -> asyncio.Future[Any]:
+        return self._started_writer().submit(step, request, read_only=read_only, durable=durable)
+
+    def _started_writer(self) -> Writer:
         if self._writer is None:
             self._loop = asyncio.get_running_loop()
             self._writer = Writer(
@@ -206,7 +209,7 @@ class SqliteBroker(Broker):
                 loop=self._loop,
             )
             self._doorbell_on = self._doorbell.start(self._loop)
-        return self._writer.submit(step, request, read_only=read_only, durable=durable)
+        return self._writer
 
     def _check_open(self) -> None:
         if self._closed:
@@ -437,24 +440,35 @@ class SqliteBroker(Broker):
                 f"its message will be delivered again"
             )
         self._held.discard(delivery)
-        outcome = self._submit(step, request, durable=durable)
+        writer = self._started_writer()
         settled: asyncio.Future[None] = self._loop.create_future()
-        outcome.add_done_callback(lambda done: self._settled(done, settled))
+        writer.send(step, request, _Settling(self, settled), durable=durable)
         return settled
 
-    def _settled(self, outcome: asyncio.Future[Any], settled: asyncio.Future[None]) -> None:
-        if settled.done():
-            return
-        if outcome.cancelled():
-            settled.cancel()
-            return
-        error = outcome.exception()
-        if error is not None:
-            settled.set_exception(error)
-            return
-        if not outcome.result():
-            self.stale_settles += 1
-        settled.set_result(None)
+
+class _Settling:
+    """Where the writer puts a settle's outcome: straight into the caller's future.
+
+    A future of the writer's with a callback setting the caller's cost a future,
+    a callback and a turn of the loop more on every ack.
+    """
+
+    __slots__ = ("_broker", "_future")
+
+    def __init__(self, broker: SqliteBroker, future: asyncio.Future[None]) -> None:
+        self._broker = broker
+        self._future = future
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def set_result(self, current: bool) -> None:
+        if not current:  # the lease had run out: nothing changed (see Delivery)
+            self._broker.stale_settles += 1
+        self._future.set_result(None)
+
+    def set_exception(self, error: BaseException) -> None:
+        self._future.set_exception(error)
 
 
 class SqliteDelivery(Delivery):

@@ -30,7 +30,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from wirework.errors import BrokerBusyError, BrokerError, BrokerUnavailableError, WireworkError
 
@@ -55,8 +55,18 @@ Operation = Callable[[sqlite3.Connection, Batch], Any]
 Step = Callable[[sqlite3.Connection, Batch, list[Any]], list[Any]]
 """Runs every queued request of one kind; one outcome per request: a value or our error."""
 
-Reply = asyncio.Future[Any]
-"""Where an outcome goes on the loop: the value, or our error, of one request."""
+
+class Reply(Protocol):
+    """Where an outcome goes on the loop: the value, or our error, of one request.
+
+    An ``asyncio.Future``, or anything that answers these three as one does.
+    """
+
+    def done(self) -> bool: ...
+
+    def set_result(self, result: Any, /) -> None: ...
+
+    def set_exception(self, exception: BaseException, /) -> None: ...
 
 
 def each(connection: sqlite3.Connection, batch: Batch, operations: list[Operation]) -> list[Any]:
