@@ -1,0 +1,182 @@
+"""Instructions per message, counted by callgrind: a yardstick machine noise does not move.
+
+``python -m bench.instructions [--messages 4000] [--durability fast]``. Needs
+``valgrind`` (Debian: ``apt install valgrind``).
+
+Wall-clock figures on the development machine move by 20-40 % between runs
+minutes apart (a shared host), so a change worth 3 % needs many paired runs to
+show. Callgrind counts the instructions executed instead: two runs of the same
+code agree within about 0.3 %. This runs workload 1's shape (one producer with
+100 publishes in flight, one ``Consumer``, one broker, in this process) and its
+floor (``bench.floor``, with as many transactions and claims of the same size
+as the broker made), each under callgrind at two sizes, and prints instructions
+per message: the difference of the counts over the difference of the sizes,
+which cancels start-up and imports. Building the messages (the CloudEvents the
+producer sends) is counted apart and taken off the broker's figure, as the
+wall-clock bench builds them before its clock starts.
+
+What it does not show is time. Valgrind runs one thread at a time, so the GIL
+hand-overs between the event loop and the writer thread (``bench.gil_probe``)
+cost nothing here, and neither does the disk. Use it to compare code; judge
+targets with ``python -m bench``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+_TOTALS = re.compile(r"^totals:\s*(\d+)", re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class Count:
+    main: int
+    """Instructions of the main thread: the event loop, for the broker."""
+    others: int
+    """Of every other thread: the broker's writer (and a thread that joins it on close)."""
+    shape: dict[str, int]
+    """What the broker's run did (transactions, claims), for the floor to do the same."""
+
+
+def _inner(side: str, messages: int, durability: str, shape: dict[str, int]) -> None:
+    """One measured run, in a process of its own under callgrind."""
+    from bench import floor, sqlite_e2e
+    from bench.payload import make_messages
+
+    if side == "build":
+        make_messages(messages)
+        return
+    with tempfile.TemporaryDirectory(prefix="wirework-instructions-") as tmp:
+        if side == "broker":
+            run = asyncio.run(
+                sqlite_e2e.throughput(
+                    Path(tmp) / "bench.db",
+                    durability=durability,
+                    messages=make_messages(messages),
+                    producer=sqlite_e2e.windowed,
+                )
+            )
+            claims = run.transactions.operations - 2 * run.messages
+            print(json.dumps({"commits": run.transactions.commits, "claims": claims}))
+            return
+        db = floor.FloorDb(
+            Path(tmp) / "floor.db", durability=durability, message=make_messages(1)[0]
+        )
+        try:
+            floor.throughput(
+                db,
+                count=messages,
+                claim_size=max(1, round(messages / max(1, shape["claims"]))),
+                commits=shape["commits"],
+            )
+        finally:
+            db.close()
+
+
+def _count(side: str, messages: int, durability: str, shape: dict[str, int]) -> Count:
+    with tempfile.TemporaryDirectory(prefix="wirework-callgrind-") as tmp:
+        return _counted(side, messages, durability, shape, Path(tmp))
+
+
+def _counted(side: str, messages: int, durability: str, shape: dict[str, int], tmp: Path) -> Count:
+    command = [
+        "valgrind",
+        "--tool=callgrind",
+        "--separate-threads=yes",
+        f"--callgrind-out-file={tmp / 'out'}",
+        sys.executable,
+        "-m",
+        "bench.instructions",
+        "--inner",
+        side,
+        "--messages",
+        str(messages),
+        "--durability",
+        durability,
+        "--shape",
+        json.dumps(shape),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    # One file a thread: out-01 is the main thread, in the order threads started.
+    totals = [
+        int(found.group(1))
+        for path in sorted(tmp.glob("out-*"))
+        if (found := _TOTALS.search(path.read_text(errors="replace"))) is not None
+    ]
+    if done.returncode != 0 or not totals:
+        raise SystemExit(f"callgrind run of {side!r} failed:\n{done.stderr[-2000:]}")
+    lines = done.stdout.strip().splitlines()
+    return Count(totals[0], sum(totals[1:]), json.loads(lines[-1]) if side == "broker" else shape)
+
+
+def measure(messages: int, durability: str) -> dict[str, float]:
+    """Instructions per message: building one; the broker's loop and writer; its floor."""
+    small = max(200, messages // 4)
+    counts: dict[str, list[Count]] = {}
+    shapes: dict[int, dict[str, int]] = {}
+    for side in ("build", "broker", "floor"):
+        for size in (small, messages):
+            print(f"  {side}, {size:,} messages under callgrind ...", flush=True)
+            count = _count(side, size, durability, shapes.get(size, {}))
+            if side == "broker":
+                shapes[size] = count.shape
+            counts.setdefault(side, []).append(count)
+
+    def per_message(side: str, part: str) -> float:
+        first, second = (getattr(count, part) for count in counts[side])
+        return float(second - first) / (messages - small)
+
+    build = per_message("build", "main") + per_message("build", "others")
+    return {
+        "build": build,
+        "loop": per_message("broker", "main") - build,
+        "writer": per_message("broker", "others"),
+        "floor": per_message("floor", "main") + per_message("floor", "others"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.instructions", description=__doc__)
+    parser.add_argument("--messages", type=int, default=4000)
+    parser.add_argument("--durability", choices=("strict", "fast"), default="fast")
+    parser.add_argument("--inner", choices=("build", "broker", "floor"), help=argparse.SUPPRESS)
+    parser.add_argument("--shape", default="{}", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.inner:
+        _inner(args.inner, args.messages, args.durability, json.loads(args.shape))
+        return
+    if shutil.which("valgrind") is None:
+        raise SystemExit("valgrind is not installed: apt install valgrind (Debian), then run again")
+    print(
+        f"instructions per message, {args.messages:,} messages, {args.durability}, "
+        f"one producer (window 100) and one Consumer in one process",
+        flush=True,
+    )
+    figures = measure(args.messages, args.durability)
+    print()
+    loop, writer, floor_ = figures["loop"], figures["writer"], figures["floor"]
+    rows = [
+        ("building one message (not counted below)", f"{figures['build']:,.0f}"),
+        ("wirework, event loop", f"{loop:,.0f}"),
+        ("wirework, writer thread", f"{writer:,.0f}"),
+        ("wirework, both", f"{loop + writer:,.0f}"),
+        ("floor: the same SQL with raw sqlite3", f"{floor_:,.0f}"),
+        ("floor / both (loop and writer take turns)", f"{floor_ / (loop + writer):.2f}"),
+        ("floor / the larger (were they side by side)", f"{floor_ / max(loop, writer):.2f}"),
+    ]
+    print()
+    for name, value in rows:
+        print(f"  {name:<46} {value:>10}")
+
+
+if __name__ == "__main__":
+    main()
