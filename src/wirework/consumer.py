@@ -382,23 +382,18 @@ class Consumer:
             current_incoming.reset(token)
         fault_point("consume.after_handler")
         fault_point("consume.after_commit_before_ack")
-        await self._ack(delivery)
-
-    async def _ack(self, delivery: Delivery) -> None:
-        """Ack; where the backend can begin an ack and finish it later, without waiting.
-
-        The ack keeps its promise: the message counts as handled only once the
-        broker holds the ack, and a crash before that means redelivery. But the
-        handler's slot takes the next message at once instead of idling through
-        the broker's round trip, so acks of many messages share it: on SQLite
-        (fast, one producer, 8 handlers) 1 commit per 16 messages instead of 8,
-        and a consumer with one handler no longer pays a commit a message. At
-        most ``prefetch`` acks are on their way; ``run`` waits for all of them
-        before it hands back the rest.
-        """
-        while len(self._acks) >= self._ack_limit:
-            self._ack_room.clear()
-            await self._ack_room.wait()
+        # Ack; where the backend can begin an ack and finish it later, without waiting.
+        # The ack keeps its promise: the message counts as handled only once the
+        # broker holds the ack, and a crash before that means redelivery. But the
+        # handler's slot takes the next message at once instead of idling through
+        # the broker's round trip, so acks of many messages share it: on SQLite
+        # (fast, one producer, 8 handlers) 1 commit per 16 messages instead of 8,
+        # and a consumer with one handler no longer pays a commit a message. At
+        # most ``prefetch`` acks are on their way; ``run`` waits for all of them
+        # before it hands back the rest. Inline, not a coroutine of its own: one
+        # coroutine less a message (about 2k instructions, bench.instructions).
+        if len(self._acks) >= self._ack_limit:
+            await self._room_for_an_ack()
         acking = delivery.start_ack()
         if acking is None:
             await delivery.ack()
@@ -406,6 +401,11 @@ class Consumer:
             return
         self._acks.add(acking)
         acking.add_done_callback(lambda done: self._acked(delivery, done))
+
+    async def _room_for_an_ack(self) -> None:
+        while len(self._acks) >= self._ack_limit:
+            self._ack_room.clear()
+            await self._ack_room.wait()
 
     def _acked(self, delivery: Delivery, acking: asyncio.Future[None]) -> None:
         self._acks.discard(acking)

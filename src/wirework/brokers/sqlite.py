@@ -73,6 +73,9 @@ from wirework.errors import (
 )
 from wirework.sqlite_wal import use_wal
 
+#: Valid topic names a broker remembers, not to check them again on every publish.
+_TOPICS_REMEMBERED = 1024
+
 #: Pause before a subscription claims again after the file was locked past busy_timeout.
 _BUSY_RETRY_PAUSE = 0.05
 
@@ -123,6 +126,8 @@ class SqliteBroker(Broker):
         self._closing = asyncio.Event()
         self._held: set[SqliteDelivery] = set()
         self._listening: set[str] = set()
+        self._topics_seen: set[str] = set()
+        """Topic names published to and found valid."""
         self.stale_settles = 0
         max_length = self.settings.max_queue_length
         self._publish_step: Step = lambda conn, batch, records: ops.publish(
@@ -226,12 +231,16 @@ class SqliteBroker(Broker):
         delay: float = 0.0,
     ) -> None:
         self._check_open()
-        check_name("topic", topic)
+        if topic not in self._topics_seen:  # else a regex match on every publish
+            if len(self._topics_seen) >= _TOPICS_REMEMBERED:
+                self._topics_seen.clear()  # many topics (replies, say): bounded memory
+            self._topics_seen.add(check_name("topic", topic))
         self.check_size(topic, message)
+        headers = message.headers
         record = ops.NewMessage(
             topic,
             key,
-            orjson.dumps(dict(message.headers)),
+            orjson.dumps(headers if type(headers) is dict else dict(headers)),
             message.body,
             self._clock.monotonic() + max(0.0, delay),
             time.time(),
