@@ -31,8 +31,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 _TOTALS = re.compile(r"^totals:\s*(\d+)", re.MULTILINE)
 
@@ -47,7 +51,9 @@ class Count:
     """What the broker's run did (transactions, claims), for the floor to do the same."""
 
 
-def _inner(side: str, messages: int, durability: str, shape: dict[str, int]) -> None:
+def _inner(
+    side: str, messages: int, durability: str, shape: dict[str, int], *, uvloop: bool = False
+) -> None:
     """One measured run, in a process of its own under callgrind."""
     from bench import floor, sqlite_e2e
     from bench.payload import make_messages
@@ -57,7 +63,7 @@ def _inner(side: str, messages: int, durability: str, shape: dict[str, int]) -> 
         return
     with tempfile.TemporaryDirectory(prefix="wirework-instructions-") as tmp:
         if side == "broker":
-            run = asyncio.run(
+            run = _runner(uvloop)(
                 sqlite_e2e.throughput(
                     Path(tmp) / "bench.db",
                     durability=durability,
@@ -82,12 +88,30 @@ def _inner(side: str, messages: int, durability: str, shape: dict[str, int]) -> 
             db.close()
 
 
-def _count(side: str, messages: int, durability: str, shape: dict[str, int]) -> Count:
+def _runner(uvloop: bool) -> Callable[[Coroutine[Any, Any, T]], T]:
+    if not uvloop:
+        return asyncio.run
+    import uvloop as uv  # only when asked for: a dev dependency
+
+    return uv.run
+
+
+def _count(
+    side: str, messages: int, durability: str, shape: dict[str, int], *, uvloop: bool
+) -> Count:
     with tempfile.TemporaryDirectory(prefix="wirework-callgrind-") as tmp:
-        return _counted(side, messages, durability, shape, Path(tmp))
+        return _counted(side, messages, durability, shape, Path(tmp), uvloop=uvloop)
 
 
-def _counted(side: str, messages: int, durability: str, shape: dict[str, int], tmp: Path) -> Count:
+def _counted(
+    side: str,
+    messages: int,
+    durability: str,
+    shape: dict[str, int],
+    tmp: Path,
+    *,
+    uvloop: bool,
+) -> Count:
     command = [
         "valgrind",
         "--tool=callgrind",
@@ -104,6 +128,7 @@ def _counted(side: str, messages: int, durability: str, shape: dict[str, int], t
         durability,
         "--shape",
         json.dumps(shape),
+        *(["--uvloop"] if uvloop else []),
     ]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     # One file a thread: out-01 is the main thread, in the order threads started.
@@ -118,7 +143,7 @@ def _counted(side: str, messages: int, durability: str, shape: dict[str, int], t
     return Count(totals[0], sum(totals[1:]), json.loads(lines[-1]) if side == "broker" else shape)
 
 
-def measure(messages: int, durability: str) -> dict[str, float]:
+def measure(messages: int, durability: str, *, uvloop: bool = False) -> dict[str, float]:
     """Instructions per message: building one; the broker's loop and writer; its floor."""
     small = max(200, messages // 4)
     counts: dict[str, list[Count]] = {}
@@ -126,7 +151,7 @@ def measure(messages: int, durability: str) -> dict[str, float]:
     for side in ("build", "broker", "floor"):
         for size in (small, messages):
             print(f"  {side}, {size:,} messages under callgrind ...", flush=True)
-            count = _count(side, size, durability, shapes.get(size, {}))
+            count = _count(side, size, durability, shapes.get(size, {}), uvloop=uvloop)
             if side == "broker":
                 shapes[size] = count.shape
             counts.setdefault(side, []).append(count)
@@ -150,18 +175,24 @@ def main() -> None:
     parser.add_argument("--durability", choices=("strict", "fast"), default="fast")
     parser.add_argument("--inner", choices=("build", "broker", "floor"), help=argparse.SUPPRESS)
     parser.add_argument("--shape", default="{}", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--uvloop", action="store_true", help="run the broker's side on uvloop, not asyncio's loop"
+    )
     args = parser.parse_args()
     if args.inner:
-        _inner(args.inner, args.messages, args.durability, json.loads(args.shape))
+        _inner(
+            args.inner, args.messages, args.durability, json.loads(args.shape), uvloop=args.uvloop
+        )
         return
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is not installed: apt install valgrind (Debian), then run again")
     print(
         f"instructions per message, {args.messages:,} messages, {args.durability}, "
-        f"one producer (window 100) and one Consumer in one process",
+        f"one producer (window 100) and one Consumer in one process, "
+        f"on {'uvloop' if args.uvloop else 'asyncio'}'s event loop",
         flush=True,
     )
-    figures = measure(args.messages, args.durability)
+    figures = measure(args.messages, args.durability, uvloop=args.uvloop)
     print()
     loop, writer, floor_ = figures["loop"], figures["writer"], figures["floor"]
     rows = [
