@@ -21,3 +21,4 @@ def test_the_broker_side_reports_the_shape_the_floor_then_replays(
     assert 1 <= shape["claims"] <= 200
     instructions._inner("floor", 200, "fast", shape)  # raises if its file runs short
     instructions._inner("build", 10, "fast", {})
+    instructions._inner("producer", 10, "fast", {})
