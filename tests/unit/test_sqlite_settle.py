@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.unit.resilience.driving import settle
 from wirework.brokers import Delivery, Subscription
 from wirework.brokers.base import Failure, GroupStats
 from wirework.brokers.sqlite import SqliteBroker, SqliteSettings
@@ -49,14 +50,21 @@ async def receive(deliveries: AsyncIterator[Delivery]) -> Delivery:
     return await asyncio.wait_for(anext(deliveries), timeout=5.0)
 
 
-async def taken_again(deliveries: AsyncIterator[Delivery], clock: ManualClock) -> Delivery:
-    """The next delivery, once the subscription's own pause (on the manual clock) is over."""
+async def taken_again(
+    deliveries: AsyncIterator[Delivery], broker: SqliteBroker, clock: ManualClock
+) -> Delivery:
+    """The next delivery, once the subscription's own pause (on the manual clock) is over.
+
+    No sleeping: ``stats`` is answered after the claim the subscription has on its
+    way (the writer keeps queue order), and then it waits on the clock alone.
+    """
     waiting = asyncio.ensure_future(receive(deliveries))
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 5.0
-    while not waiting.done() and loop.time() < deadline:
-        await clock.advance(0.01)
-        await asyncio.sleep(0.005)  # the writer thread answers in real time
+    await settle()
+    await broker.stats()
+    await settle()
+    wake = clock.next_deadline()
+    assert wake is not None, "the subscription should be pausing on the clock"
+    await clock.advance(max(0.0, wake - clock.monotonic()))
     return await waiting
 
 
@@ -82,7 +90,7 @@ async def test_a_stale_ack_returns_is_counted_and_leaves_the_new_holder(
     deliveries = broker.subscribe(sub(lease_timeout=5, prefetch=2))
     late = await receive(deliveries)
     await clock.advance(5)
-    current = await taken_again(deliveries, clock)  # the lease ran out: the same message
+    current = await taken_again(deliveries, broker, clock)  # the lease ran out: the same message
     assert current.attempt == 2
     await late.ack()
     assert broker.stale_settles == 1
