@@ -95,8 +95,8 @@ def preamble(sizes: Sizes, quick: bool, suites: list[str]) -> str:
         lines += [
             f"consumer: wirework.consumer.Consumer, concurrency {CONCURRENCY}, prefetch "
             f"{PREFETCH}, a handler that only counts; the Consumer decodes every message",
-            f"producers: 'window 100' = one task with {PUBLISH_WINDOW} publishes in flight "
-            f"(asyncio.Semaphore); 'serial' = each publish awaited; '8 publishers' = "
+            f"producers: 'window 100' = {PUBLISH_WINDOW} publishes in flight ({PUBLISH_WINDOW} "
+            f"lanes sharing one iterator); 'serial' = each publish awaited; '8 publishers' = "
             f"{PUBLISHERS} tasks, each serial; all on the same broker object as the consumer "
             f"in workloads 1-2",
             f"throughput = messages / (first publish .. last ack), {runs}; {sizes.messages:,} "

@@ -13,8 +13,8 @@ as the broker made), each under callgrind at two sizes, and prints instructions
 per message: the difference of the counts over the difference of the sizes,
 which cancels start-up and imports. Building the messages (the CloudEvents the
 producer sends) is counted apart and taken off the broker's figure, as the
-wall-clock bench builds them before its clock starts. The bench's producer (a
-task a publish, a semaphore for the window) is counted apart too, publishing
+wall-clock bench builds them before its clock starts. The bench's producer (100
+lanes, each awaiting its publish) is counted apart too, publishing
 to a stub: it is in the loop's figure, as it is in the wall-clock one, but it
 is the application's code, not wirework's.
 
@@ -100,9 +100,8 @@ def _inner(
 class _NoBroker:
     """A publish that only waits a turn of the loop, as a real one waits for its commit.
 
-    Under the bench's producer it leaves the producer's own cost: a task a publish,
-    the window's semaphore and the task's done-callbacks (application code, which
-    the floor, with no event loop, does not have).
+    Under the bench's producer it leaves the producer's own cost: a lane's wake-up
+    a publish (application code, which the floor, with no event loop, does not have).
     """
 
     async def publish(self, topic: str, message: WireMessage) -> None:
@@ -222,7 +221,7 @@ def main() -> None:
     rows = [
         ("building one message (not counted below)", f"{figures['build']:,.0f}"),
         ("wirework, event loop", f"{loop:,.0f}"),
-        ("  of which the bench's producer (task a publish)", f"{figures['producer']:,.0f}"),
+        ("  of which the bench's producer (lanes)", f"{figures['producer']:,.0f}"),
         ("wirework, writer thread", f"{writer:,.0f}"),
         ("wirework, both", f"{loop + writer:,.0f}"),
         ("floor: the same SQL with raw sqlite3", f"{floor_:,.0f}"),

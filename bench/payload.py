@@ -15,7 +15,7 @@ EVENT_TYPE = "bench.order_placed"
 CONCURRENCY = 8
 PREFETCH = 32
 
-#: Publishes one producer task keeps in flight (an asyncio.Semaphore around ``publish``).
+#: Publishes one producer keeps in flight (``bench.sqlite_e2e.windowed``: as many lanes).
 PUBLISH_WINDOW = 100
 #: Publisher tasks in the concurrent-publishers workload, each awaiting every publish.
 PUBLISHERS = 8
