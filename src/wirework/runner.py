@@ -33,6 +33,7 @@ from wirework.clock import SYSTEM_CLOCK, wait_first
 from wirework.consumer import ConsumerStats
 from wirework.errors import ConfigurationError, WireworkError
 from wirework.listeners import Listeners
+from wirework.loops import running_loop_name
 from wirework.service import Binding, Service
 from wirework.service.requests import RequestStats
 
@@ -419,10 +420,11 @@ class Runner:
                     tasks.create_task(self._listen(), name="listeners")
                 self.state = "running"
                 log.info(
-                    "starting %d service(s) in pid %d; SIGTERM or Ctrl-C stops gracefully "
-                    "(grace %.1f s), a second one forces",
+                    "starting %d service(s) in pid %d on %s; SIGTERM or Ctrl-C stops "
+                    "gracefully (grace %.1f s), a second one forces",
                     len(self.services),
                     os.getpid(),
+                    running_loop_name(),
                     self.grace,
                 )
         finally:

@@ -249,7 +249,7 @@ async def test_a_second_sigterm_forces_the_stop_with_exit_130(launch: Launcher) 
 async def test_two_workers_share_the_work_and_stop_cleanly(launch: Launcher) -> None:
     """With --workers 2 both worker processes take jobs, and SIGTERM stops all with exit 0."""
     await launch.publish(60)
-    parent = launch.start("--workers", "2", "--grace", "2", JOBS)
+    parent = launch.start("--workers", "2", "--grace", "2", "--loop", "asyncio", JOBS)
     await parent.wait_until(lambda: len(launch.pids()) >= 2, 20, what="both workers busy")
 
     parent.terminate()
@@ -258,6 +258,8 @@ async def test_two_workers_share_the_work_and_stop_cleanly(launch: Launcher) -> 
     assert sorted((index, code) for index, _, code in exits) == [("1", "0"), ("2", "0")]
     assert launch.pids() <= {int(pid) for _, pid, _ in exits}
     assert not any(psutil.pid_exists(pid) for pid in launch.pids())
+    # Each worker runs on the loop the command line chose, not its own default.
+    assert len(re.findall(r"in pid \d+ on asyncio;", parent.output)) == 2, parent.output
 
 
 async def test_a_killed_worker_is_reported_and_replaced(launch: Launcher) -> None:
@@ -328,9 +330,34 @@ def test_a_bad_target_is_one_line_saying_what_to_fix(
     assert not launch.handled.exists()
 
 
-async def test_plain_output_has_start_summary_and_stop_lines(launch: Launcher) -> None:
+def test_an_unknown_event_loop_is_one_line_naming_the_choices(launch: Launcher) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "wirework.cli.main", "run", "--loop", "trio", JOBS],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=launch.env,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "error: unknown event loop 'trio': write one of auto, asyncio, uvloop"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("options", "loop"),
+    [
+        pytest.param((), "uvloop", id="auto-is-uvloop"),
+        pytest.param(("--loop", "asyncio"), "asyncio", id="asyncio"),
+    ],
+)
+async def test_plain_output_has_start_summary_and_stop_lines(
+    launch: Launcher, options: tuple[str, ...], loop: str
+) -> None:
     """Without a terminal the output is log lines: start, counts while working, stop with totals."""
-    run = launch.start(JOBS, AUDIT)
+    run = launch.start(*options, JOBS, AUDIT)
     await run.wait_until(lambda: launch.groups_exist("jobs", "run-audit"), 20, what="groups")
     await launch.publish(3)
     summary = re.compile(r"run-jobs: handled=\d+ failed=0 retried=0 dead_lettered=0 in_flight=\d+")
@@ -340,6 +367,7 @@ async def test_plain_output_has_start_summary_and_stop_lines(launch: Launcher) -
     run.terminate()
     assert await run.exited(6) == 0, run.output
     out = run.output
+    assert re.search(rf"starting 2 service\(s\) in pid \d+ on {loop};", out), out
     assert "started run-jobs: consume jobs" in out
     assert "started run-audit: subscribe jobs [run-audit]" in out
     assert re.search(r"stopped run-jobs: handled=3 failed=0 .* after [\d.]+ s", out), out

@@ -7,7 +7,6 @@ leak a traceback for an error we raised on purpose. Bugs still show one.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 from collections.abc import AsyncIterator, Coroutine, Sequence
@@ -33,6 +32,7 @@ from wirework.errors import (
     DeadLetterNotFoundError,
     WireworkError,
 )
+from wirework.loops import Loop, runner
 
 T = TypeVar("T")
 
@@ -119,10 +119,10 @@ def describe(exc: WireworkError) -> str:
     return text
 
 
-def run(work: Coroutine[Any, Any, T]) -> T:
-    """Run a command's async body, turning our errors into one line and exit code 1."""
+def run(work: Coroutine[Any, Any, T], *, loop: Loop = "asyncio") -> T:
+    """Run a command's async body on ``loop``, turning our errors into one line and exit 1."""
     try:
-        return asyncio.run(work)
+        return runner(loop)(work)
     except WireworkError as exc:
         fail(describe(exc))
 
