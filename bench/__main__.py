@@ -43,9 +43,10 @@ from bench import (
     tracing,
 )
 from bench.payload import CONCURRENCY, PREFETCH, PUBLISH_WINDOW, PUBLISHERS, make_messages
-from bench.plan import FULL, QUICK, Sizes
+from bench.plan import FULL, LOOP_VARIABLE, QUICK, Sizes, sqlite_loop
 from bench.report import Figure, summary, table
 from bench.servers import SERVERS, server_versions
+from wirework import loops
 
 WORKLOADS: dict[str, tuple[str, Callable[[Sizes], list[Figure]]]] = {
     "1": ("publish, consume, ack: one producer", throughput.one_producer),
@@ -95,6 +96,8 @@ def preamble(sizes: Sizes, quick: bool, suites: list[str]) -> str:
         lines += [
             f"consumer: wirework.consumer.Consumer, concurrency {CONCURRENCY}, prefetch "
             f"{PREFETCH}, a handler that only counts; the Consumer decodes every message",
+            f"event loop: {sqlite_loop()}, as `wirework run` picks it (--loop to choose); "
+            f"the floor has none",
             f"producers: 'window 100' = {PUBLISH_WINDOW} publishes in flight ({PUBLISH_WINDOW} "
             f"lanes sharing one iterator); 'serial' = each publish awaited; '8 publishers' = "
             f"{PUBLISHERS} tasks, each serial; all on the same broker object as the consumer "
@@ -167,6 +170,14 @@ def main(argv: list[str] | None = None) -> int:
         default=",".join(SERVERS),
         help="server backends for workloads 9-10 (default: redis,rabbitmq,nats)",
     )
+    parser.add_argument(
+        "--loop",
+        choices=loops.CHOICES,
+        default="auto",
+        help="event loop of the SQLite suite's wirework side (default: auto, as "
+        "`wirework run` picks it: uvloop where installed); the other suites run on "
+        "asyncio's, as their peers do",
+    )
     args = parser.parse_args(argv)
     suites = list(SUITES) if args.suite == "all" else [args.suite]
     allowed = [number for suite in suites for number in SUITES[suite][1]]
@@ -184,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     servers = tuple(name.strip() for name in args.servers.split(",") if name.strip())
     if not servers or any(name not in SERVERS for name in servers):
         parser.error(f"--servers takes some of {', '.join(SERVERS)}")
+    os.environ[LOOP_VARIABLE] = args.loop  # the SQLite suite's worker processes read it
     signal.signal(signal.SIGTERM, _terminated)
     sizes = dataclasses.replace(QUICK if args.quick else FULL, repeat=args.repeat, servers=servers)
     suites = [suite for suite in suites if set(SUITES[suite][1]) & set(chosen)]

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from pathlib import Path
 
 from bench import floor, sqlite_e2e, sqlite_procs
 from bench.payload import PREFETCH, make_messages
-from bench.plan import Sizes, progress, scratch
+from bench.plan import Sizes, progress, run_sqlite_side, scratch
 from bench.report import Figure
 
 
@@ -22,12 +21,12 @@ def latency(sizes: Sizes) -> list[Figure]:
     messages = make_messages(sizes.latency_samples)
     gap = sizes.latency_gap
     with scratch() as tmp:
-        here = asyncio.run(
+        here = run_sqlite_side(
             sqlite_e2e.latency(
                 Path(tmp) / "here.db", durability="strict", messages=messages, gap=gap
             )
         )
-        there = asyncio.run(
+        there = run_sqlite_side(
             sqlite_procs.cross_process_latency(
                 Path(tmp) / "there.db", durability="strict", messages=messages, gap=gap
             )
@@ -69,7 +68,7 @@ def latency(sizes: Sizes) -> list[Figure]:
 def idle_cpu(sizes: Sizes) -> list[Figure]:
     """Workload 5: CPU of a subscribed consumer process with nothing to do."""
     with scratch() as tmp:
-        percent = asyncio.run(
+        percent = run_sqlite_side(
             sqlite_procs.idle_cpu(
                 Path(tmp) / "bench.db", durability="strict", seconds=sizes.idle_seconds
             )

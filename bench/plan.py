@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from bench.report import Figure, format_value
+from wirework import loops
+
+T = TypeVar("T")
+
+#: The event loop of the SQLite suite's wirework side (``python -m bench --loop``),
+#: in the environment so its worker processes run on the same one.
+LOOP_VARIABLE = "WIREWORK_BENCH_LOOP"
 
 
 @dataclass(frozen=True)
@@ -59,3 +69,18 @@ def progress(figure: Figure) -> None:
     if figure.peer is not None:
         against += f" ({figure.peer_name} {format_value(figure.peer, figure.unit)})"
     print(f"  {figure.key:<3} {figure.title}: {value}{against}", flush=True)
+
+
+def sqlite_loop() -> loops.Loop:
+    """The loop the SQLite suite runs wirework on: as ``wirework run`` picks it, unless told.
+
+    The floor has no event loop, so the SQLite workloads measure wirework as
+    its runtime runs it (uvloop where installed). The suites that compare with
+    a peer library in the same process stay on asyncio's loop, as the peer does.
+    """
+    return loops.resolve(os.environ.get(LOOP_VARIABLE, "auto"))
+
+
+def run_sqlite_side(work: Coroutine[Any, Any, T]) -> T:
+    """Run one SQLite workload's wirework side to its end on ``sqlite_loop()``."""
+    return loops.runner(sqlite_loop())(work)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bench import floor, sqlite_e2e, sqlite_procs
 from bench.payload import make_messages
-from bench.plan import Sizes, progress, scratch
+from bench.plan import Sizes, progress, run_sqlite_side, scratch
 from bench.report import MIN_FLOOR_RATIO, Figure
 from wirework.envelope import WireMessage
 
@@ -106,7 +105,7 @@ def _in_process(sizes: Sizes, cases: Sequence[Case]) -> list[Figure]:
             batch: Sequence[WireMessage] = messages[:count],
         ) -> Run:
             with scratch() as tmp:
-                run = asyncio.run(
+                run = run_sqlite_side(
                     sqlite_e2e.throughput(
                         Path(tmp) / "bench.db",
                         durability=durability,
@@ -163,7 +162,7 @@ def processes(sizes: Sizes) -> list[Figure]:
 
         def measure(durability: str = durability) -> Run:
             with scratch() as tmp:
-                run = asyncio.run(
+                run = run_sqlite_side(
                     sqlite_procs.spread(
                         Path(tmp) / "bench.db",
                         durability=durability,
@@ -221,7 +220,7 @@ def backlog(sizes: Sizes) -> list[Figure]:
     pool = make_messages(1_000)
     with scratch() as tmp:
         copy = Path(tmp) / "floor.db"
-        run = asyncio.run(
+        run = run_sqlite_side(
             sqlite_procs.drain(Path(tmp) / "bench.db", pool=pool, count=sizes.backlog, copy_to=copy)
         )
         floor_value, floor_note = floor_rate(

@@ -21,6 +21,7 @@ from typing import Any
 
 from bench import probe
 from bench.payload import CONCURRENCY, SUBSCRIPTION, Order
+from bench.plan import run_sqlite_side
 from bench.sqlite_e2e import open_broker
 from wirework.consumer import Consumer, Route
 from wirework.envelope import Envelope
@@ -78,7 +79,7 @@ def main() -> None:
     parser.add_argument("--consumers", type=int, default=1)
     parser.add_argument("--report-seen", action="store_true")
     args = parser.parse_args()
-    asyncio.run(
+    run_sqlite_side(
         run(
             args.db,
             durability=args.durability,
