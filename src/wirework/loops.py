@@ -2,7 +2,7 @@
 
 Why ``wirework run`` picks uvloop by itself: its loop is written in C and does
 the same work with fewer instructions. On the SQLite broker the event loop's
-share of a message fell by 18 % (``python -m bench.instructions --uvloop``,
+share of a message fell by 12 % (``python -m bench.instructions --uvloop``,
 2026-11-27), and uvicorn, behind our REST binding, makes the same choice.
 The library itself never picks a loop: code that calls ``asyncio.run`` gets
 asyncio's. ``--loop asyncio`` is there to rule uvloop out when hunting a bug.
