@@ -300,20 +300,25 @@ async def test_workers_stop_by_themselves_when_the_supervisor_is_killed(
 
 
 @pytest.mark.parametrize(
-    ("target", "names"),
+    ("args", "names"),
     [
-        pytest.param("nope:svc", "cannot import module 'nope'", id="no-module"),
-        pytest.param(f"{SERVICES}:missing", "has no attribute 'missing'", id="no-attribute"),
-        pytest.param(f"{SERVICES}:not_a_service", "is an int, not a wirework", id="not-service"),
-        pytest.param(SERVICES, "is not module:attribute", id="no-colon"),
+        pytest.param(("nope:svc",), "cannot import module 'nope'", id="no-module"),
+        pytest.param((f"{SERVICES}:missing",), "has no attribute 'missing'", id="no-attribute"),
+        pytest.param((f"{SERVICES}:not_a_service",), "is an int, not a wirework", id="not-service"),
+        pytest.param((SERVICES,), "is not module:attribute", id="no-colon"),
+        pytest.param(
+            ("--loop", "trio", JOBS),
+            "unknown event loop 'trio': write one of auto, asyncio, uvloop",
+            id="unknown-loop",
+        ),
     ],
 )
-def test_a_bad_target_is_one_line_saying_what_to_fix(
-    launch: Launcher, target: str, names: str
+def test_a_bad_target_or_option_is_one_line_saying_what_to_fix(
+    launch: Launcher, args: tuple[str, ...], names: str
 ) -> None:
-    """A target that does not name a Service exits 2 with one error line and no traceback."""
+    """A target that does not name a Service, or an unknown loop, exits 2 with one error line."""
     result = subprocess.run(
-        [sys.executable, "-m", "wirework.cli.main", "run", target],
+        [sys.executable, "-m", "wirework.cli.main", "run", *args],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -328,22 +333,6 @@ def test_a_bad_target_is_one_line_saying_what_to_fix(
     assert names in lines[0]
     assert "Traceback" not in result.stdout + result.stderr
     assert not launch.handled.exists()
-
-
-def test_an_unknown_event_loop_is_one_line_naming_the_choices(launch: Launcher) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "wirework.cli.main", "run", "--loop", "trio", JOBS],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=launch.env,
-        timeout=30,
-        check=False,
-    )
-    assert result.returncode == 2, result.stderr
-    assert result.stderr.strip().splitlines() == [
-        "error: unknown event loop 'trio': write one of auto, asyncio, uvloop"
-    ]
 
 
 @pytest.mark.parametrize(
