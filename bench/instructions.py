@@ -34,15 +34,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import cast
 
+from wirework import loops
 from wirework.brokers.base import Broker
 from wirework.envelope import WireMessage
-
-T = TypeVar("T")
 
 _TOTALS = re.compile(r"^totals:\s*(\d+)", re.MULTILINE)
 
@@ -64,15 +62,16 @@ def _inner(
     from bench import floor, sqlite_e2e
     from bench.payload import make_messages
 
+    run_on_loop = loops.runner("uvloop" if uvloop else "asyncio")
     if side == "build":
         make_messages(messages)
         return
     if side == "producer":
-        _runner(uvloop)(sqlite_e2e.windowed(cast(Broker, _NoBroker()), make_messages(messages)))
+        run_on_loop(sqlite_e2e.windowed(cast(Broker, _NoBroker()), make_messages(messages)))
         return
     with tempfile.TemporaryDirectory(prefix="wirework-instructions-") as tmp:
         if side == "broker":
-            run = _runner(uvloop)(
+            run = run_on_loop(
                 sqlite_e2e.throughput(
                     Path(tmp) / "bench.db",
                     durability=durability,
@@ -106,14 +105,6 @@ class _NoBroker:
 
     async def publish(self, topic: str, message: WireMessage) -> None:
         await asyncio.sleep(0)
-
-
-def _runner(uvloop: bool) -> Callable[[Coroutine[Any, Any, T]], T]:
-    if not uvloop:
-        return asyncio.run
-    import uvloop as uv  # only when asked for: a dev dependency
-
-    return uv.run
 
 
 def _count(

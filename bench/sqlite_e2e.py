@@ -31,8 +31,8 @@ async def windowed(broker: Broker, messages: Iterable[WireMessage]) -> None:
     semaphore: the floor has no event loop, so whatever the producer costs the
     loop is charged to wirework. A task a publish cost 69,898 instructions a
     message of asyncio's task machinery (creating the task, two done-callbacks,
-    waking the semaphore's waiter), a third of the loop's count; lanes cost about
-    14,000 (``python -m bench.instructions``, its producer side, 2026-11-27).
+    waking the semaphore's waiter), a third of the loop's count; lanes cost 13,030
+    (``python -m bench.instructions``, its producer side, 2026-11-27).
     """
     remaining = iter(messages)
 
