@@ -27,6 +27,7 @@ import sqlite3
 import time
 from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -43,6 +44,15 @@ LEASE_SECONDS = 30.0
 Kind = Literal["publish", "claim", "ack"]
 #: One transaction: runs of one kind of operation, in order, with their sizes.
 Transaction = list[tuple[Kind, int]]
+
+
+@dataclass(frozen=True)
+class Replayed:
+    """One transaction of the broker's writer, to run again: ``SqliteBroker.operations_of``."""
+
+    synced: bool
+    operations: list[tuple[str, int]]
+    """("publish", messages), ("ack", handles), ("claim", limit), or another's name and 1."""
 
 
 class FloorDb:
@@ -173,6 +183,57 @@ def throughput(
                 db.ack(size)
         db.commit()
     return count / (time.perf_counter() - started)
+
+
+def replay(db: FloorDb, transactions: list[Replayed], *, messages: int) -> float:
+    """Messages per second running the broker's own transactions again, one by one.
+
+    The same calls of ``sqlite_ops`` with the same sizes, in the same
+    transactions and order, synced where the broker's were: so the floor also
+    works on the data the broker had, a backlog as deep as the one its producer
+    ran up ahead of the consumer, which a plan spread evenly (``throughput``)
+    keeps at a claim's worth of rows. Operations other than publish, claim and
+    ack (housekeeping, such as forgetting a gone doorbell) are left out;
+    ``others`` counts them, for the caller to say.
+    """
+    publishes = sum(
+        size for done in transactions for kind, size in done.operations if kind == "publish"
+    )
+    records = db.records(publishes)
+    claimed = acked = 0
+    started = time.perf_counter()
+    try:
+        for done in transactions:
+            db.begin(synced=done.synced)
+            for kind, size in done.operations:
+                if kind == "publish":
+                    db.publish([records.popleft() for _ in range(size)])
+                elif kind == "claim":
+                    claimed += db.claim(size)
+                elif kind == "ack":
+                    acked += size
+                    if acked > claimed:
+                        raise RuntimeError("the replay acks rows it never claimed: not one run")
+                    db.ack(size)
+            db.commit()
+    except BaseException:
+        if db.connection.in_transaction:
+            db.connection.execute("ROLLBACK")
+        raise
+    seconds = time.perf_counter() - started
+    if acked != messages:
+        raise RuntimeError(f"the replay acked {acked:,} messages of {messages:,}: not one run")
+    return messages / seconds
+
+
+def others(transactions: list[Replayed]) -> int:
+    """Operations ``replay`` leaves out: neither publish, claim nor ack."""
+    return sum(
+        1
+        for done in transactions
+        for kind, _ in done.operations
+        if kind not in ("publish", "claim", "ack")
+    )
 
 
 def latency(db: FloorDb, *, samples: int, gap: float, claim_size: int) -> list[float]:

@@ -8,8 +8,8 @@ minutes apart (a shared host), so a change worth 3 % needs many paired runs to
 show. Callgrind counts the instructions executed instead: two runs of the same
 code agree within about 0.3 %. This runs workload 1's shape (one producer with
 100 publishes in flight, one ``Consumer``, one broker, in this process) and its
-floor (``bench.floor``, with as many transactions and claims of the same size
-as the broker made), each under callgrind at two sizes, and prints instructions
+floor (``bench.floor.replay``: the broker's own transactions of that run, run
+again with raw ``sqlite3``), each under callgrind at two sizes, and prints instructions
 per message: the difference of the counts over the difference of the sizes,
 which cancels start-up and imports. Building the messages (the CloudEvents the
 producer sends) is counted apart and taken off the broker's figure, as the
@@ -36,7 +36,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 from wirework import loops
 from wirework.brokers.base import Broker
@@ -51,12 +51,12 @@ class Count:
     """Instructions of the main thread: the event loop, for the broker."""
     others: int
     """Of every other thread: the broker's writer (and a thread that joins it on close)."""
-    shape: dict[str, int]
-    """What the broker's run did (transactions, claims), for the floor to do the same."""
+    ran: list[Any]
+    """The broker's transactions (``floor.Replayed`` as JSON), for the floor to run again."""
 
 
 def _inner(
-    side: str, messages: int, durability: str, shape: dict[str, int], *, uvloop: bool = False
+    side: str, messages: int, durability: str, ran: list[Any], *, uvloop: bool = False
 ) -> None:
     """One measured run, in a process of its own under callgrind."""
     from bench import floor, sqlite_e2e
@@ -79,19 +79,14 @@ def _inner(
                     producer=sqlite_e2e.windowed,
                 )
             )
-            claims = run.transactions.operations - 2 * run.messages
-            print(json.dumps({"commits": run.transactions.commits, "claims": claims}))
+            print(json.dumps([[done.synced, done.operations] for done in run.ran]))
             return
         db = floor.FloorDb(
             Path(tmp) / "floor.db", durability=durability, message=make_messages(1)[0]
         )
         try:
-            floor.throughput(
-                db,
-                count=messages,
-                claim_size=max(1, round(messages / max(1, shape["claims"]))),
-                commits=shape["commits"],
-            )
+            transactions = [floor.Replayed(synced, operations) for synced, operations in ran]
+            floor.replay(db, transactions, messages=messages)
         finally:
             db.close()
 
@@ -107,22 +102,22 @@ class _NoBroker:
         await asyncio.sleep(0)
 
 
-def _count(
-    side: str, messages: int, durability: str, shape: dict[str, int], *, uvloop: bool
-) -> Count:
+def _count(side: str, messages: int, durability: str, ran: list[Any], *, uvloop: bool) -> Count:
     with tempfile.TemporaryDirectory(prefix="wirework-callgrind-") as tmp:
-        return _counted(side, messages, durability, shape, Path(tmp), uvloop=uvloop)
+        return _counted(side, messages, durability, ran, Path(tmp), uvloop=uvloop)
 
 
 def _counted(
     side: str,
     messages: int,
     durability: str,
-    shape: dict[str, int],
+    ran: list[Any],
     tmp: Path,
     *,
     uvloop: bool,
 ) -> Count:
+    transactions = tmp / "ran.json"  # a file: too long for a command line at some sizes
+    transactions.write_text(json.dumps(ran))
     command = [
         "valgrind",
         "--tool=callgrind",
@@ -137,8 +132,8 @@ def _counted(
         str(messages),
         "--durability",
         durability,
-        "--shape",
-        json.dumps(shape),
+        "--ran",
+        str(transactions),
         *(["--uvloop"] if uvloop else []),
     ]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -151,20 +146,20 @@ def _counted(
     if done.returncode != 0 or not totals:
         raise SystemExit(f"callgrind run of {side!r} failed:\n{done.stderr[-2000:]}")
     lines = done.stdout.strip().splitlines()
-    return Count(totals[0], sum(totals[1:]), json.loads(lines[-1]) if side == "broker" else shape)
+    return Count(totals[0], sum(totals[1:]), json.loads(lines[-1]) if side == "broker" else ran)
 
 
 def measure(messages: int, durability: str, *, uvloop: bool = False) -> dict[str, float]:
     """Instructions per message: building one; the broker's loop and writer; its floor."""
     small = max(200, messages // 4)
     counts: dict[str, list[Count]] = {}
-    shapes: dict[int, dict[str, int]] = {}
+    ran: dict[int, list[Any]] = {}
     for side in ("build", "producer", "broker", "floor"):
         for size in (small, messages):
             print(f"  {side}, {size:,} messages under callgrind ...", flush=True)
-            count = _count(side, size, durability, shapes.get(size, {}), uvloop=uvloop)
+            count = _count(side, size, durability, ran.get(size, []), uvloop=uvloop)
             if side == "broker":
-                shapes[size] = count.shape
+                ran[size] = count.ran
             counts.setdefault(side, []).append(count)
 
     def per_message(side: str, part: str) -> float:
@@ -188,14 +183,18 @@ def main() -> None:
     parser.add_argument(
         "--inner", choices=("build", "producer", "broker", "floor"), help=argparse.SUPPRESS
     )
-    parser.add_argument("--shape", default="{}", help=argparse.SUPPRESS)
+    parser.add_argument("--ran", help=argparse.SUPPRESS)
     parser.add_argument(
         "--uvloop", action="store_true", help="run the broker's side on uvloop, not asyncio's loop"
     )
     args = parser.parse_args()
     if args.inner:
         _inner(
-            args.inner, args.messages, args.durability, json.loads(args.shape), uvloop=args.uvloop
+            args.inner,
+            args.messages,
+            args.durability,
+            json.loads(Path(args.ran).read_text()) if args.ran else [],
+            uvloop=args.uvloop,
         )
         return
     if shutil.which("valgrind") is None:

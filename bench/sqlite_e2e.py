@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import probe
+from bench import floor, probe
 from bench.payload import CONCURRENCY, PUBLISH_WINDOW, PUBLISHERS, SUBSCRIPTION, TOPIC, Order
 from wirework.brokers.base import Broker, Inspectable
 from wirework.brokers.sqlite import SqliteBroker, SqliteSettings
@@ -67,6 +67,8 @@ class Throughput:
     """From the first publish to the last publish returning."""
     transactions: probe.Transactions
     cpu: probe.ThreadCpu
+    ran: list[floor.Replayed]
+    """The writer's transactions of the run, as ``bench.floor.replay`` runs them again."""
 
     @property
     def rate(self) -> float:
@@ -118,6 +120,7 @@ async def throughput(
             await wait_for_group(broker)
             transactions = probe.Transactions.of(broker)
             cpu = probe.thread_cpu()
+            recorded = broker.record_transactions()
             started = time.perf_counter()
             await producer(broker, messages)
             published = time.perf_counter()
@@ -125,12 +128,17 @@ async def throughput(
             while consumer.stats.handled < len(messages):  # the last acks are on their way
                 await asyncio.sleep(0.0005)
             finished = time.perf_counter()
+            ran = [
+                floor.Replayed(committed.synced, broker.operations_of(committed))
+                for committed in recorded[:]
+            ]
             result = Throughput(
                 messages=len(messages),
                 seconds=finished - started,
                 publish_seconds=published - started,
                 transactions=probe.Transactions.of(broker) - transactions,
                 cpu=probe.thread_cpu() - cpu,
+                ran=ran,
             )
             await consumer.stop()
     return result

@@ -55,6 +55,21 @@ def floor_rate(
     return rate, f"floor: {what}claims of {rows}, ack; {commits:,} commits{fsyncs}"
 
 
+def replayed_rate(
+    db: Path, *, durability: str, message: WireMessage, run: sqlite_e2e.Throughput
+) -> tuple[float, str]:
+    """The floor's msg/s running the broker's own transactions of ``run`` again."""
+    connection = floor.FloorDb(db, durability=durability, message=message)
+    try:
+        rate = floor.replay(connection, run.ran, messages=run.messages)
+        fsyncs = f", {connection.synced:,} of them synced" if connection.strict else ""
+    finally:
+        connection.close()
+    left_out = floor.others(run.ran)
+    others = f"; {left_out:,} other operations left out" if left_out else ""
+    return rate, f"floor: the broker's {len(run.ran):,} transactions run again{fsyncs}{others}"
+
+
 def per_message(seconds: float, messages: int) -> str:
     return f"{seconds / max(1, messages) * 1e6:.0f} us"
 
@@ -114,8 +129,11 @@ def _in_process(sizes: Sizes, cases: Sequence[Case]) -> list[Figure]:
                     )
                 )
                 claims = run.transactions.operations - 2 * run.messages
-                floor_value, floor_note = floor_rate(
-                    Path(tmp) / "floor.db",
+                floor_value, floor_note = replayed_rate(
+                    Path(tmp) / "floor.db", durability=durability, message=batch[0], run=run
+                )
+                even_value, even_note = floor_rate(
+                    Path(tmp) / "floor-even.db",
                     durability=durability,
                     message=batch[0],
                     count=run.messages,
@@ -134,6 +152,8 @@ def _in_process(sizes: Sizes, cases: Sequence[Case]) -> list[Figure]:
                     f"CPU per message: event loop {per_message(run.cpu.loop, run.messages)}, "
                     f"writer thread {per_message(run.cpu.others, run.messages)}",
                     floor_note,
+                    even_note.replace("floor:", "floor spread evenly (judged until 2026-11-27):")
+                    + f": {even_value:,.0f} msg/s, ratio {run.rate / even_value:.2f}",
                 ],
             )
 

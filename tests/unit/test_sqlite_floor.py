@@ -1,10 +1,11 @@
-"""The bench's raw-sqlite3 floor pays for as many fsyncs as the SQLite broker did, no more."""
+"""The bench's raw-sqlite3 floor does what the SQLite broker did: its fsyncs, its transactions."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from bench import floor, throughput
+import pytest
+from bench import floor, sqlite_e2e, throughput
 from bench.payload import make_messages
 
 
@@ -47,3 +48,45 @@ def test_without_a_count_the_floor_syncs_every_transaction_holding_a_publish(
         db.close()
     holding = sum(any(kind == "publish" for kind, _ in runs) for runs in transactions)
     assert db.synced == holding
+
+
+async def test_the_replayed_floor_runs_the_brokers_own_transactions(tmp_path: Path) -> None:
+    # What the broker's writer committed in a real run, run again with raw sqlite3:
+    # every message published, claimed and acked, as many transactions synced.
+    messages = make_messages(300)
+    run = await sqlite_e2e.throughput(
+        tmp_path / "broker.db", durability="strict", messages=messages, producer=sqlite_e2e.windowed
+    )
+    sizes = {
+        kind: sum(size for done in run.ran for name, size in done.operations if name == kind)
+        for kind in ("publish", "ack")
+    }
+    assert sizes == {"publish": 300, "ack": 300}
+    assert any(name == "claim" for done in run.ran for name, _ in done.operations)
+    assert len(run.ran) == run.transactions.commits
+    assert sum(done.synced for done in run.ran) == run.transactions.synced
+
+    db = floor.FloorDb(tmp_path / "floor.db", durability="strict", message=messages[0])
+    try:
+        assert floor.replay(db, run.ran, messages=run.messages) > 0
+        left = db.connection.execute("SELECT COUNT(*) FROM ww_deliveries").fetchone()[0]
+    finally:
+        db.close()
+    assert left == 0  # everything it published, it claimed and acked
+    assert db.synced == run.transactions.synced
+
+
+def test_a_replay_that_is_not_one_run_is_refused(tmp_path: Path) -> None:
+    message = make_messages(1)[0]
+    db = floor.FloorDb(tmp_path / "floor.db", durability="fast", message=message)
+    try:
+        publish_then_ack = [
+            floor.Replayed(True, [("publish", 4), ("ack", 1)]),  # acks what it never claimed
+        ]
+        with pytest.raises(RuntimeError, match="never claimed"):
+            floor.replay(db, publish_then_ack, messages=4)
+        short = [floor.Replayed(True, [("publish", 4), ("claim", 4), ("ack", 3)])]
+        with pytest.raises(RuntimeError, match="acked 3 messages of 4"):
+            floor.replay(db, short, messages=4)
+    finally:
+        db.close()

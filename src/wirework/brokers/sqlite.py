@@ -62,7 +62,7 @@ from wirework.brokers.base import (
     check_name,
 )
 from wirework.brokers.sqlite_wake import Doorbell
-from wirework.brokers.sqlite_writer import Batch, Operation, Step, Writer, each
+from wirework.brokers.sqlite_writer import Batch, Committed, Operation, Step, Writer, each
 from wirework.clock import SYSTEM_CLOCK, Clock, wait_first
 from wirework.envelope import WireMessage
 from wirework.errors import (
@@ -192,12 +192,7 @@ class SqliteBroker(Broker):
         self, operation: Any, *args: Any, read_only: bool = False, durable: bool = True
     ) -> asyncio.Future[Any]:
         """Queue a one-off operation: ``operation(connection, batch, *args)``."""
-        return self._submit(
-            each,
-            lambda conn, batch: operation(conn, batch, *args),
-            read_only=read_only,
-            durable=durable,
-        )
+        return self._submit(each, _OneOff(operation, args), read_only=read_only, durable=durable)
 
     def _submit(
         self, step: Step, request: Any, *, read_only: bool = False, durable: bool = True
@@ -428,6 +423,39 @@ class SqliteBroker(Broker):
         """
         return 0 if self._writer is None else self._writer.synced
 
+    def record_transactions(self) -> list[Committed]:
+        """From now on, every transaction this broker commits is appended to the list returned.
+
+        For ``bench.floor``, which replays a run's transactions (``operations_of``)
+        with raw ``sqlite3``. It grows with every commit: for one run, not a service.
+        """
+        writer = self._started_writer()
+        writer.record = []
+        return writer.record
+
+    def operations_of(self, committed: Committed) -> list[tuple[str, int]]:
+        """What a recorded transaction ran, in order, with the size of each call.
+
+        ``("publish", messages)``, ``("ack", handles)``, ``("claim", limit)``; any
+        other operation as its function's name and 1.
+        """
+        operations: list[tuple[str, int]] = []
+        for step, size, one_offs in committed.runs:
+            if step is self._publish_step:
+                operations.append(("publish", size))
+            elif step is ops.ack:
+                operations.append(("ack", size))
+            elif step is each:
+                for request in one_offs:
+                    if isinstance(request, _OneOff) and request.operation is ops.claim:
+                        operations.append(("claim", int(request.args[2])))
+                    else:
+                        name = getattr(request, "operation", request).__name__
+                        operations.append((str(name), 1))
+            else:
+                operations.append((getattr(step, "__name__", "step"), size))
+        return operations
+
     async def stats(self) -> Sequence[GroupStats]:
         self._check_open()
         return list(await self._call(ops.stats, self._clock.monotonic(), read_only=True))
@@ -453,6 +481,23 @@ class SqliteBroker(Broker):
         settled: asyncio.Future[None] = self._loop.create_future()
         writer.send(step, request, _Settling(self, settled), durable=durable)
         return settled
+
+
+class _OneOff:
+    """``operation(connection, batch, *args)``, run by the ``each`` step.
+
+    A closure would do, but a recorded transaction (``record_transactions``) could
+    not tell a claim, and its limit, from any other operation.
+    """
+
+    __slots__ = ("args", "operation")
+
+    def __init__(self, operation: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        self.operation = operation
+        self.args = args
+
+    def __call__(self, connection: sqlite3.Connection, batch: Batch) -> Any:
+        return self.operation(connection, batch, *self.args)
 
 
 class _Settling:

@@ -80,6 +80,22 @@ def each(connection: sqlite3.Connection, batch: Batch, operations: list[Operatio
     return outcomes
 
 
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """One committed transaction as the writer ran it, for a replay of the same SQL.
+
+    ``bench.floor`` replays a run's transactions with raw ``sqlite3``: the same
+    statements, in the same order, on the same data (a backlog as deep as the
+    broker's), so the floor measures the SQL the broker really ran.
+    """
+
+    synced: bool
+    """Committed at the file's own ``synchronous`` level (an fsync under strict)."""
+    runs: tuple[tuple[Step, int, list[Operation]], ...]
+    """Each step, in the order they ran, with its number of requests and, for ``each``
+    alone, the operations: no other request is kept, not to hold every message."""
+
+
 @dataclass(slots=True)
 class _Queued:
     step: Step
@@ -127,6 +143,11 @@ class Writer:
         self.operations = 0
         self.synced = 0
         """Writing transactions committed at the file's own ``synchronous`` level."""
+        self.record: list[Committed] | None = None
+        """When a list, every committed transaction is appended to it (``Committed``).
+
+        Off by default: a bench turns it on for one run, as it grows with every commit.
+        """
 
     def submit(
         self, step: Step, request: Any, *, read_only: bool = False, durable: bool = True
@@ -275,9 +296,12 @@ class Writer:
                 return
             self._busy_pause = _BUSY_PAUSE_FIRST
             batch = Batch()
+            ran: list[tuple[Step, int, list[Operation]]] | None = (
+                [] if self.record is not None else None
+            )
             try:
                 absorb = not read_only and self._current_sync == self._opened_sync
-                outcomes = self._steps(connection, batch, pending, absorb=absorb)
+                outcomes = self._steps(connection, batch, pending, absorb=absorb, ran=ran)
                 connection.execute("COMMIT")
             except sqlite3.Error as exc:
                 with contextlib.suppress(sqlite3.Error):
@@ -288,13 +312,21 @@ class Writer:
                 return
             self.commits += 1
             self.operations += len(pending)
-            if not read_only and self._current_sync == self._opened_sync:
-                self.synced += 1
+            synced = not read_only and self._current_sync == self._opened_sync
+            self.synced += synced
+            if self.record is not None and ran is not None:
+                self.record.append(Committed(synced, tuple(ran)))
             self._resolve(outcomes, self._after_commit(batch) if batch.listeners else None)
             return
 
     def _steps(
-        self, connection: sqlite3.Connection, batch: Batch, pending: list[_Queued], *, absorb: bool
+        self,
+        connection: sqlite3.Connection,
+        batch: Batch,
+        pending: list[_Queued],
+        *,
+        absorb: bool,
+        ran: list[tuple[Step, int, list[Operation]]] | None,
     ) -> list[tuple[Reply, Any]]:
         """Run the steps of ``pending``; with ``absorb``, also of requests queued meanwhile.
 
@@ -304,14 +336,17 @@ class Writer:
         of paying its own (one producer awaiting each publish: 1.0 commits a message
         instead of 1.5, +25 % msg/s, median of 4 paired runs). Never into a transaction
         synced less than the file asks (``absorb`` False there): a late publish needs
-        its fsync.
+        its fsync. ``ran``, when given, gets each step with its requests as run.
         """
         outcomes: list[tuple[Reply, Any]] = []
         late = pending
         while late:
             for items in _by_step(late):
-                results = _run_step(connection, batch, items)
+                step, requests = items[0].step, [item.request for item in items]
+                results = _run_step(connection, batch, step, requests)
                 outcomes.extend(zip([item.reply for item in items], results, strict=True))
+                if ran is not None:
+                    ran.append((step, len(requests), requests if step is each else []))
             late = self._waiting(MAX_BATCH - len(pending)) if absorb else []
             pending.extend(late)
         return outcomes
@@ -345,12 +380,14 @@ def _by_step(pending: list[_Queued]) -> list[list[_Queued]]:
     return [*groups.values(), one_offs] if one_offs else list(groups.values())
 
 
-def _run_step(connection: sqlite3.Connection, batch: Batch, items: list[_Queued]) -> list[Any]:
+def _run_step(
+    connection: sqlite3.Connection, batch: Batch, step: Step, requests: list[Any]
+) -> list[Any]:
     """One call of a step; our error raised by the step as a whole goes to all its requests."""
     try:
-        return items[0].step(connection, batch, [item.request for item in items])
+        return step(connection, batch, requests)
     except WireworkError as exc:
-        return [exc] * len(items)
+        return [exc] * len(requests)
 
 
 def _settle_all(outcomes: list[tuple[Reply, Any]], then: Callable[[], None] | None) -> None:
