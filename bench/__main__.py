@@ -105,11 +105,12 @@ def preamble(sizes: Sizes, quick: bool, suites: list[str]) -> str:
             f"throughput = messages / (first publish .. last ack), {runs}; {sizes.messages:,} "
             f"messages ({sizes.serial_messages:,} for serial); durability strict = "
             f"synchronous FULL, fast = NORMAL, WAL in both",
-            "floor: the same SQL per message with plain sqlite3 in one thread (publish: group "
-            "lookup + message INSERT + delivery INSERT; claim: claim SELECT + per row lease "
-            "UPDATE + body SELECT; ack: delivery DELETE + refs UPDATE + message DELETE), same "
-            "pragmas, claims of the broker's average size, as many commits as the broker made "
-            "(under strict, as many of them synced)",
+            "floor: the broker's own SQL (wirework.brokers.sqlite_ops: multi-row INSERTs, "
+            "one UPDATE ... RETURNING a claim, one DELETE per 64 acks) with plain sqlite3 in "
+            "one thread, same pragmas; workloads 1-2: the broker's transactions of the run "
+            "again, in order (a backlog as deep as the broker's); 3: as many commits, claims "
+            "of the broker's average size, spread evenly; 6: on a copy of the backlog file; "
+            "under strict, as many commits synced as the broker's",
         ]
     if "backends" in suites:
         found = asyncio.run(server_versions())

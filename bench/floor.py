@@ -11,12 +11,17 @@ one per 64 messages). The message records are built before the clock starts,
 as the broker builds them on the event loop, not on its writer thread.
 
 Same pragmas as the broker (WAL; ``synchronous`` FULL for strict, NORMAL for
-fast, with the broker's checkpoint interval under fast). Claims as large as
-the broker's were on average, as many transactions as its writer committed in
-the same workload, and under strict as many of them synced as the broker
+fast, with the broker's checkpoint interval under fast).
+
+Two plans. ``replay`` runs the broker's own transactions of a run again
+(``SqliteBroker.record_transactions``): the same calls, sizes and order, so
+the same data too (a windowed producer runs thousands of messages ahead of the
+consumer); workloads 1 and 2 use it. ``throughput`` spreads the work evenly
+(workload 3, whose transactions come from three processes at once, and 6):
+claims as large as the broker's were on average, as many transactions as its
+writer committed, and under strict as many of them synced as the broker
 synced (``SqliteBroker.synced_commits``; its transactions of acks and claims
-alone are not), all spread evenly, so both sides pay for the same commits and
-the same fsyncs. Publishes run ahead of the consumer in a windowed run, so the
+alone are not). Publishes run ahead of the consumer in a windowed run, so the
 broker syncs few of its transactions there (200 of 2,500 in workload 1a): a
 floor syncing every transaction that holds a publish paid ten times its fsyncs.
 """
