@@ -16,12 +16,13 @@ fast, with the broker's checkpoint interval under fast).
 Two plans. ``replay`` runs the broker's own transactions of a run again
 (``SqliteBroker.record_transactions``): the same calls, sizes and order, so
 the same data too (a windowed producer runs thousands of messages ahead of the
-consumer); workloads 1 and 2 use it. ``throughput`` spreads the work evenly
-(workload 3, whose transactions come from three processes at once, and 6):
-claims as large as the broker's were on average, as many transactions as its
-writer committed, and under strict as many of them synced as the broker
-synced (``SqliteBroker.synced_commits``; its transactions of acks and claims
-alone are not). Publishes run ahead of the consumer in a windowed run, so the
+consumer); workloads 1 to 3 use it, 3 with the transactions of its three
+processes in the order they committed. ``throughput`` spreads the work evenly
+(workload 6, on a copy of the broker's backlog file): claims as large as the
+broker's were on average, as many transactions as its writer committed, and
+under strict as many of them synced as the broker synced
+(``SqliteBroker.synced_commits``; its transactions of acks and claims alone
+are not). Publishes run ahead of the consumer in a windowed run, so the
 broker syncs few of its transactions there (200 of 2,500 in workload 1a): a
 floor syncing every transaction that holds a publish paid ten times its fsyncs.
 """
@@ -55,6 +56,8 @@ Transaction = list[tuple[Kind, int]]
 class Replayed:
     """One transaction of the broker's writer, to run again: ``SqliteBroker.operations_of``."""
 
+    at: float
+    """``time.monotonic()`` at its commit: the order of transactions of several processes."""
     synced: bool
     operations: list[tuple[str, int]]
     """("publish", messages), ("ack", handles), ("claim", limit), or another's name and 1."""

@@ -79,13 +79,13 @@ def _inner(
                     producer=sqlite_e2e.windowed,
                 )
             )
-            print(json.dumps([[done.synced, done.operations] for done in run.ran]))
+            print(json.dumps([[done.at, done.synced, done.operations] for done in run.ran]))
             return
         db = floor.FloorDb(
             Path(tmp) / "floor.db", durability=durability, message=make_messages(1)[0]
         )
         try:
-            transactions = [floor.Replayed(synced, operations) for synced, operations in ran]
+            transactions = [floor.Replayed(*done) for done in ran]
             floor.replay(db, transactions, messages=messages)
         finally:
             db.close()

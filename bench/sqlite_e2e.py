@@ -129,7 +129,7 @@ async def throughput(
                 await asyncio.sleep(0.0005)
             finished = time.perf_counter()
             ran = [
-                floor.Replayed(committed.synced, broker.operations_of(committed))
+                floor.Replayed(committed.at, committed.synced, broker.operations_of(committed))
                 for committed in recorded[:]
             ]
             result = Throughput(

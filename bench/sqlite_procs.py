@@ -21,7 +21,7 @@ from typing import Any
 
 import psutil
 
-from bench import probe
+from bench import floor, probe
 from bench.payload import GROUP, SUBSCRIPTION, TOPIC
 from bench.sqlite_e2e import open_broker, windowed
 from wirework.envelope import WireMessage
@@ -141,6 +141,8 @@ class Spread:
     publish_seconds: float
     publisher: probe.Transactions
     workers: list[dict[str, Any]]
+    ran: list[floor.Replayed]
+    """Every process's transactions of the run, in the order they committed."""
 
     @property
     def rate(self) -> float:
@@ -177,14 +179,27 @@ async def spread(
             child.send("go")
         await watch.until_listening(processes)
         transactions = probe.Transactions.of(broker)
+        recorded = broker.record_transactions()
+        window_opens = time.monotonic()
         started = time.perf_counter()
         await windowed(broker, messages)
         published = time.perf_counter()
         await watch.until_drained(children)
         finished = time.perf_counter()
+        window_closes = time.monotonic()
         publisher = probe.Transactions.of(broker) - transactions
+        ran = [
+            floor.Replayed(committed.at, committed.synced, broker.operations_of(committed))
+            for committed in recorded[:]
+        ]
         done = [await child.stop() for child in children]
-    return Spread(len(messages), finished - started, published - started, publisher, done)
+    for child_done in done:
+        ran += [floor.Replayed(*fields) for fields in child_done.pop("ran")]
+    # The children's claims before the first publish and after the drain found nothing.
+    in_run = sorted(
+        (one for one in ran if window_opens <= one.at <= window_closes), key=lambda one: one.at
+    )
+    return Spread(len(messages), finished - started, published - started, publisher, done, in_run)
 
 
 async def cross_process_latency(

@@ -4,7 +4,8 @@ It talks to its parent in JSON lines. On stdout: ``{"event": "ready"}`` once
 the broker is open; with ``--report-seen`` one ``{"event": "seen", "id": ...,
 "at": <CLOCK_MONOTONIC seconds>}`` per handled message (the clock is
 machine-wide on Linux, so the parent can subtract its own readings); and
-``{"event": "done", ...}`` with its counts when stopped. On stdin: ``go``
+``{"event": "done", ...}`` with its counts and its transactions (``ran``, as
+``bench.floor.Replayed`` fields, for the floor to run again) when stopped. On stdin: ``go``
 starts ``--consumers`` Consumers of the benchmark's group; ``stop``, or the end
 of stdin (the parent is gone), stops them and ends the process.
 """
@@ -55,6 +56,7 @@ async def run(db: Path, *, durability: str, consumers: int, report_seen: bool) -
         ]
         transactions = probe.Transactions.of(broker)
         cpu = probe.process_cpu()
+        recorded = broker.record_transactions()
         async with asyncio.TaskGroup() as tasks:
             for consumer in running:
                 tasks.create_task(consumer.run())
@@ -69,6 +71,10 @@ async def run(db: Path, *, durability: str, consumers: int, report_seen: bool) -
             operations=spent.operations,
             synced=spent.synced,
             cpu_seconds=probe.process_cpu() - cpu,
+            ran=[
+                [committed.at, committed.synced, broker.operations_of(committed)]
+                for committed in recorded
+            ],
         )
 
 

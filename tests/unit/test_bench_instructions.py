@@ -17,7 +17,7 @@ def test_the_broker_side_reports_the_transactions_the_floor_then_replays(
 ) -> None:
     instructions._inner("broker", 200, "fast", [])
     ran = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    operations = [operation for _synced, done in ran for operation in done]
+    operations = [operation for _at, _synced, done in ran for operation in done]
     assert sum(size for kind, size in operations if kind == "publish") == 200
     assert any(kind == "claim" for kind, _ in operations)
     instructions._inner("floor", 200, "fast", ran)  # raises unless it acks all 200

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from bench import floor, sqlite_e2e, throughput
+from bench import floor, sqlite_e2e, sqlite_procs, throughput
 from bench.payload import make_messages
 
 
@@ -81,12 +81,32 @@ def test_a_replay_that_is_not_one_run_is_refused(tmp_path: Path) -> None:
     db = floor.FloorDb(tmp_path / "floor.db", durability="fast", message=message)
     try:
         publish_then_ack = [
-            floor.Replayed(True, [("publish", 4), ("ack", 1)]),  # acks what it never claimed
+            floor.Replayed(0.0, True, [("publish", 4), ("ack", 1)]),  # acks what it never claimed
         ]
         with pytest.raises(RuntimeError, match="never claimed"):
             floor.replay(db, publish_then_ack, messages=4)
-        short = [floor.Replayed(True, [("publish", 4), ("claim", 4), ("ack", 3)])]
+        short = [floor.Replayed(0.0, True, [("publish", 4), ("claim", 4), ("ack", 3)])]
         with pytest.raises(RuntimeError, match="acked 3 messages of 4"):
             floor.replay(db, short, messages=4)
     finally:
         db.close()
+
+
+async def test_the_floor_replays_transactions_of_several_processes_in_commit_order(
+    tmp_path: Path,
+) -> None:
+    # A publisher here and consumers in two child processes: their transactions merged
+    # by the time each committed (taken with the write lock held) are one valid history,
+    # in which every claim comes after the publish it claims, so the replay acks them all.
+    messages = make_messages(400)
+    run = await sqlite_procs.spread(
+        tmp_path / "broker.db", durability="fast", messages=messages, processes=2, consumers=1
+    )
+    assert [one.at for one in run.ran] == sorted(one.at for one in run.ran)
+    db = floor.FloorDb(tmp_path / "floor.db", durability="fast", message=messages[0])
+    try:
+        assert floor.replay(db, run.ran, messages=run.messages) > 0
+        left = db.connection.execute("SELECT COUNT(*) FROM ww_deliveries").fetchone()[0]
+    finally:
+        db.close()
+    assert left == 0

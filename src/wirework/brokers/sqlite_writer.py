@@ -89,6 +89,9 @@ class Committed:
     broker's), so the floor measures the SQL the broker really ran.
     """
 
+    at: float
+    """``time.monotonic()`` just before the commit, with the write lock held: across
+    processes on one file (the clock is machine-wide on Linux), the order of commits."""
     synced: bool
     """Committed at the file's own ``synchronous`` level (an fsync under strict)."""
     runs: tuple[tuple[Step, int, list[Operation]], ...]
@@ -302,6 +305,7 @@ class Writer:
             try:
                 absorb = not read_only and self._current_sync == self._opened_sync
                 outcomes = self._steps(connection, batch, pending, absorb=absorb, ran=ran)
+                at = time.monotonic() if ran is not None else 0.0
                 connection.execute("COMMIT")
             except sqlite3.Error as exc:
                 with contextlib.suppress(sqlite3.Error):
@@ -315,7 +319,7 @@ class Writer:
             synced = not read_only and self._current_sync == self._opened_sync
             self.synced += synced
             if self.record is not None and ran is not None:
-                self.record.append(Committed(synced, tuple(ran)))
+                self.record.append(Committed(at, synced, tuple(ran)))
             self._resolve(outcomes, self._after_commit(batch) if batch.listeners else None)
             return
 
