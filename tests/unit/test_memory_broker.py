@@ -112,19 +112,6 @@ async def test_ack_after_lease_but_before_anyone_took_it_counts(
     await deliveries.aclose()
 
 
-async def test_settle_after_leaving_the_subscription_is_stale(broker: MemoryBroker) -> None:
-    await broker.publish(TOPIC, message(1))
-    deliveries = broker.subscribe(sub())
-    left_behind = await receive(deliveries)
-    await deliveries.aclose()
-    await left_behind.nack(error=Failure(error_type="x.Y", message="late"))
-    assert broker.stale_settles == 1
-    again = broker.subscribe(sub())
-    redelivered = await receive(again)
-    assert (redelivered.attempt, redelivered.first_failure_at) == (2, None)
-    await again.aclose()
-
-
 async def test_publish_and_nack_delays_follow_the_manual_clock(
     broker: MemoryBroker, clock: ManualClock
 ) -> None:

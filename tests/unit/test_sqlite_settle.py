@@ -17,7 +17,7 @@ import pytest
 
 from tests.unit.resilience.driving import settle
 from wirework.brokers import Delivery, Subscription
-from wirework.brokers.base import Failure, GroupStats
+from wirework.brokers.base import GroupStats
 from wirework.brokers.sqlite import SqliteBroker, SqliteSettings
 from wirework.clock import ManualClock
 from wirework.envelope import WireMessage
@@ -99,20 +99,6 @@ async def test_a_stale_ack_returns_is_counted_and_leaves_the_new_holder(
     assert broker.stale_settles == 1
     assert (await row(broker)).backlog == 0
     await deliveries.aclose()
-
-
-async def test_a_nack_after_leaving_the_subscription_is_stale(broker: SqliteBroker) -> None:
-    await broker.publish(TOPIC, message(1))
-    deliveries = broker.subscribe(sub())
-    left_behind = await receive(deliveries)
-    await deliveries.aclose()  # hands the message back
-    await left_behind.nack(error=Failure(error_type="x.Y", message="late"))
-    assert broker.stale_settles == 1
-    again = broker.subscribe(sub())
-    redelivered = await receive(again)
-    assert redelivered.attempt == 2
-    await redelivered.ack()
-    await again.aclose()
 
 
 async def test_an_ack_the_writer_cannot_commit_raises_to_its_caller(

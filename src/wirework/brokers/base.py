@@ -169,8 +169,9 @@ class Delivery(ABC):
 
     A delivery that lost its message (its lease ran out and the message went
     to another consumer, or its subscription was left and the message taken
-    again) settles without effect: the call returns, or raises ``BrokerError``,
-    and the message's current holder is untouched. A settle after the lease
+    again) settles without effect: the call returns, counted in its broker's
+    ``stale_settles``, or raises ``BrokerError``, and the message's current
+    holder is untouched. A settle after the lease
     ran out may be ignored even if nobody took the message yet (a network
     backend cannot tell); the message then simply comes back. Backend detail (row id,
     delivery tag, stream id) lives on the subclass.
@@ -240,6 +241,13 @@ class Broker(ABC):
     """A messaging backend; open with ``wirework.brokers.connect(url)``."""
 
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    stale_settles: int = 0
+    """Settles that returned without effect: their delivery had lost its message.
+
+    Not an error (at-least-once expects late settles after a lease ran out),
+    but a rising count says handlers outlive their leases: raise
+    ``lease_timeout``, or handle faster.
+    """
 
     @abstractmethod
     async def publish(

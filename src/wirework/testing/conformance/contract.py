@@ -313,7 +313,7 @@ async def check_lease_expiry_redelivers_to_another_consumer(target: ConformanceT
             waited = loop.time() - taken_at
             assert (message_id(fresh), fresh.attempt) == ("m1", 2)
             assert waited >= SHORT_LEASE - _TIME_TOLERANCE, f"redelivered after {waited:.3f}s"
-            await settle_stale(stale.ack())
+            await settle_stale(crashed_broker, stale.ack())
             await fresh.nack()
             [again] = await take(surviving, 1, ack=True)
             assert (message_id(again), again.attempt) == ("m1", 3)
@@ -331,7 +331,9 @@ async def check_leaving_a_subscription_hands_deliveries_back(target: Conformance
         await broker.publish(topic, item(n))
     async with subscribed(broker, subscription) as deliveries:
         left = await take(deliveries, 2)  # m2 may wait in a backend's prefetch buffer meanwhile
-    await settle_stale(left[0].ack())  # too late: m0 was handed back, and must stay so
+    await settle_stale(broker, left[0].ack())  # too late: m0 was handed back, and must stay so
+    # Nor may a late nack record its failure on the message handed back.
+    await settle_stale(broker, left[1].nack(error=Failure(error_type="x.Late", message="late")))
     held: list[Delivery] = []
 
     async def hold() -> None:
@@ -343,6 +345,7 @@ async def check_leaving_a_subscription_hands_deliveries_back(target: Conformance
         await wait_until(lambda: len(held) == 3, what="a second subscription taking all back")
         holder.cancel()
     assert [(message_id(d), d.attempt) for d in held[:2]] == [("m0", 2), ("m1", 2)]
+    assert held[1].first_failure_at is None, "a stale nack recorded its failure"
     async with subscribed(broker, subscription) as deliveries:
         again = await take(deliveries, 3, ack=True)
     attempts = {message_id(d): d.attempt for d in again}

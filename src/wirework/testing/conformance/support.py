@@ -7,7 +7,6 @@ what did not happen; nothing sleeps for a fixed time to "let things settle".
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -213,12 +212,18 @@ def raises(kind: type[BaseException], what: str) -> Iterator[None]:
     raise AssertionError(f"{what}: expected {kind.__name__}, nothing was raised")
 
 
-async def settle_stale(settle: Awaitable[None]) -> None:
-    """Settle a delivery that no longer holds its message (lease ran out, or its
-    subscription was left): the backend may return or raise a ``BrokerError``, as a
-    network backend may find the delivery gone; either way it must not touch the message."""
-    with contextlib.suppress(BrokerError):
+async def settle_stale(broker: Broker, settle: Awaitable[None]) -> None:
+    """Settle a delivery of ``broker`` that no longer holds its message (lease ran out,
+    or its subscription was left): the backend may return, counting it in
+    ``stale_settles``, or raise a ``BrokerError``, as a network backend may find the
+    delivery gone; either way it must not touch the message (the caller checks that)."""
+    before = broker.stale_settles
+    try:
         await settle
+    except BrokerError:
+        return
+    counted = broker.stale_settles - before
+    assert counted == 1, f"a stale settle returned but stale_settles rose by {counted}, not 1"
 
 
 async def create_groups(broker: Broker, *subscriptions: Subscription) -> None:
