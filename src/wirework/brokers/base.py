@@ -171,10 +171,10 @@ class Delivery(ABC):
     to another consumer, or its subscription was left and the message taken
     again) settles without effect: the call returns, counted in its broker's
     ``stale_settles``, or raises ``BrokerError``, and the message's current
-    holder is untouched. A settle after the lease
-    ran out may be ignored even if nobody took the message yet (a network
-    backend cannot tell); the message then simply comes back. Backend detail (row id,
-    delivery tag, stream id) lives on the subclass.
+    holder is untouched. A settle after the lease ran out may be ignored even
+    if nobody took the message yet (a network backend cannot tell); the
+    message then simply comes back. Backend detail (row id, delivery tag,
+    stream id) lives on the subclass.
     """
 
     message: WireMessage

@@ -448,7 +448,8 @@ class SqliteBroker(Broker):
             elif step is each:
                 for request in one_offs:
                     if isinstance(request, _OneOff) and request.operation is ops.claim:
-                        operations.append(("claim", int(request.args[2])))
+                        _topic, _group, limit, *_ = request.args  # as _submit_claim passes them
+                        operations.append(("claim", int(limit)))
                     else:
                         name = getattr(request, "operation", request).__name__
                         operations.append((str(name), 1))

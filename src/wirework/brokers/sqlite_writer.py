@@ -340,7 +340,7 @@ class Writer:
         of paying its own (one producer awaiting each publish: 1.0 commits a message
         instead of 1.5, +25 % msg/s, median of 4 paired runs). Never into a transaction
         synced less than the file asks (``absorb`` False there): a late publish needs
-        its fsync. ``ran``, when given, gets each step with its requests as run.
+        its fsync. ``ran``, when given, gets each step as run (see ``Committed.runs``).
         """
         outcomes: list[tuple[Reply, Any]] = []
         late = pending
