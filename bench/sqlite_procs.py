@@ -28,6 +28,9 @@ from wirework.envelope import WireMessage
 
 ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT = 60.0
+#: Longest JSON line read from a child: its transactions come in one (asyncio's default
+#: of 64 KiB holds about a thousand).
+LINE_LIMIT = 64 * 1024 * 1024
 
 
 class Worker:
@@ -37,12 +40,16 @@ class Worker:
         self.process = process
         self.pid = process.pid
         self._events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._unreadable: Exception | None = None
         self._reader = asyncio.ensure_future(self._read())
 
     async def _read(self) -> None:
         assert self.process.stdout is not None
-        async for line in self.process.stdout:
-            await self._events.put(json.loads(line))
+        try:
+            async for line in self.process.stdout:
+                await self._events.put(json.loads(line))
+        except (ValueError, OSError) as exc:  # a line over LINE_LIMIT, or not JSON
+            self._unreadable = exc
         await self._events.put({"event": "exit"})
 
     def check_alive(self) -> None:
@@ -61,6 +68,10 @@ class Worker:
                 if found["event"] == event:
                     return found
                 if found["event"] == "exit":
+                    if self._unreadable is not None:
+                        raise RuntimeError(
+                            f"cannot read bench.worker {self.pid}'s output: {self._unreadable}"
+                        )
                     code = await self.process.wait()
                     raise RuntimeError(f"bench.worker {self.pid} exited with {code}")
 
@@ -80,9 +91,12 @@ class Worker:
 
 @contextlib.asynccontextmanager
 async def worker(
-    db: Path, *, durability: str, consumers: int, report_seen: bool = False
+    db: Path, *, durability: str, consumers: int, report_seen: bool = False, record: bool = False
 ) -> AsyncIterator[Worker]:
-    """A started child that said ``ready``; killed and reaped on the way out."""
+    """A started child that said ``ready``; killed and reaped on the way out.
+
+    ``record``: it sends its transactions with its counts, for the floor to replay.
+    """
     argv = ["--db", str(db), "--durability", durability, "--consumers", str(consumers)]
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -90,9 +104,11 @@ async def worker(
         "bench.worker",
         *argv,
         *(["--report-seen"] if report_seen else []),
+        *(["--record"] if record else []),
         cwd=ROOT,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
+        limit=LINE_LIMIT,
     )
     child = Worker(process)
     try:
@@ -170,7 +186,9 @@ async def spread(
     async with open_broker(db, durability) as broker, contextlib.AsyncExitStack() as stack:
         await broker.stats()  # creates the file before the children open it
         children = [
-            await stack.enter_async_context(worker(db, durability=durability, consumers=consumers))
+            await stack.enter_async_context(
+                worker(db, durability=durability, consumers=consumers, record=True)
+            )
             for _ in range(processes)
         ]
         watch = Watch(db)

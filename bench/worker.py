@@ -4,8 +4,9 @@ It talks to its parent in JSON lines. On stdout: ``{"event": "ready"}`` once
 the broker is open; with ``--report-seen`` one ``{"event": "seen", "id": ...,
 "at": <CLOCK_MONOTONIC seconds>}`` per handled message (the clock is
 machine-wide on Linux, so the parent can subtract its own readings); and
-``{"event": "done", ...}`` with its counts and its transactions (``ran``, as
-``bench.floor.Replayed`` fields, for the floor to run again) when stopped. On stdin: ``go``
+``{"event": "done", ...}`` with its counts when stopped, and with ``--record``
+its transactions (``ran``, as ``bench.floor.Replayed`` fields, for the floor to
+run again). On stdin: ``go``
 starts ``--consumers`` Consumers of the benchmark's group; ``stop``, or the end
 of stdin (the parent is gone), stops them and ends the process.
 """
@@ -39,7 +40,9 @@ async def read_command() -> str:
     return line.strip()
 
 
-async def run(db: Path, *, durability: str, consumers: int, report_seen: bool) -> None:
+async def run(
+    db: Path, *, durability: str, consumers: int, report_seen: bool, record: bool
+) -> None:
     async def handle(order: Order, envelope: Envelope) -> None:
         if report_seen:
             emit(event="seen", id=envelope.id, at=time.monotonic())
@@ -56,7 +59,7 @@ async def run(db: Path, *, durability: str, consumers: int, report_seen: bool) -
         ]
         transactions = probe.Transactions.of(broker)
         cpu = probe.process_cpu()
-        recorded = broker.record_transactions()
+        recorded = broker.record_transactions() if record else []
         async with asyncio.TaskGroup() as tasks:
             for consumer in running:
                 tasks.create_task(consumer.run())
@@ -84,6 +87,7 @@ def main() -> None:
     parser.add_argument("--durability", choices=("strict", "fast"), default="strict")
     parser.add_argument("--consumers", type=int, default=1)
     parser.add_argument("--report-seen", action="store_true")
+    parser.add_argument("--record", action="store_true", help="send its transactions when done")
     args = parser.parse_args()
     run_sqlite_side(
         run(
@@ -91,6 +95,7 @@ def main() -> None:
             durability=args.durability,
             consumers=args.consumers,
             report_seen=args.report_seen,
+            record=args.record,
         )
     )
 
