@@ -107,10 +107,9 @@ def preamble(sizes: Sizes, quick: bool, suites: list[str]) -> str:
             f"synchronous FULL, fast = NORMAL, WAL in both",
             "floor: the broker's own SQL (wirework.brokers.sqlite_ops: multi-row INSERTs, "
             "one UPDATE ... RETURNING a claim, one DELETE per 64 acks) with plain sqlite3 in "
-            "one thread, same pragmas; workloads 1-3: the broker's transactions of the run "
-            "again, in the order they committed (3: those of all three processes), so on a "
-            "backlog as deep as the broker's; 6: as many commits and claims of the same size "
-            "on a copy of the backlog file; under strict, as many commits synced",
+            "one thread, same pragmas: the broker's transactions of the run again, in the "
+            "order they committed (3: those of all three processes; 6: on a copy of the "
+            "backlog file), so on a backlog as deep as the broker's",
         ]
     if "backends" in suites:
         found = asyncio.run(server_versions())

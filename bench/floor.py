@@ -16,9 +16,10 @@ fast, with the broker's checkpoint interval under fast).
 Two plans. ``replay`` runs the broker's own transactions of a run again
 (``SqliteBroker.record_transactions``): the same calls, sizes and order, so
 the same data too (a windowed producer runs thousands of messages ahead of the
-consumer); workloads 1 to 3 use it, 3 with the transactions of its three
-processes in the order they committed. ``throughput`` spreads the work evenly
-(workload 6, on a copy of the broker's backlog file): claims as large as the
+consumer); the bench judges by it, workload 3 with the transactions of its
+three processes in the order they committed, 6 on a copy of the broker's
+backlog file. ``throughput`` spreads the work evenly, as the bench judged
+until 2026-11-27 and still prints beside it: claims as large as the
 broker's were on average, as many transactions as its writer committed, and
 under strict as many of them synced as the broker synced
 (``SqliteBroker.synced_commits``; its transactions of acks and claims alone

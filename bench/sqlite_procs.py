@@ -273,6 +273,8 @@ class Drain:
     idle_rss: int
     peak_rss: int
     done: dict[str, Any]
+    ran: list[floor.Replayed]
+    """The consumer process's transactions of the drain, for the floor to run again."""
 
     @property
     def rate(self) -> float:
@@ -291,11 +293,12 @@ async def drain(db: Path, *, pool: Sequence[WireMessage], count: int, copy_to: P
         await windowed(broker, itertools.islice(itertools.cycle(pool), count))
         publish_seconds = time.perf_counter() - started
     shutil.copyfile(db, copy_to)  # the broker closed: its WAL is checkpointed into the file
-    async with worker(db, durability="fast", consumers=1) as child:
+    async with worker(db, durability="fast", consumers=1, record=True) as child:
         memory = psutil.Process(child.pid)
         idle_rss = peak_rss = memory.memory_info().rss
         watch = Watch(db)
         try:
+            window_opens = time.monotonic()
             started = time.perf_counter()
             child.send("go")
             while watch.pending():
@@ -303,8 +306,11 @@ async def drain(db: Path, *, pool: Sequence[WireMessage], count: int, copy_to: P
                 peak_rss = max(peak_rss, memory.memory_info().rss)
                 await asyncio.sleep(0.02)
             seconds = time.perf_counter() - started
+            window_closes = time.monotonic()
         finally:
             watch.close()
         peak_rss = max(peak_rss, memory.memory_info().rss)
         done = await child.stop()
-    return Drain(count, seconds, publish_seconds, idle_rss, peak_rss, done)
+    ran = [floor.Replayed(*fields) for fields in done.pop("ran")]
+    in_run = [one for one in ran if window_opens <= one.at <= window_closes]
+    return Drain(count, seconds, publish_seconds, idle_rss, peak_rss, done, in_run)

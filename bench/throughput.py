@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -260,8 +261,13 @@ def backlog(sizes: Sizes) -> list[Figure]:
         run = run_sqlite_side(
             sqlite_procs.drain(Path(tmp) / "bench.db", pool=pool, count=sizes.backlog, copy_to=copy)
         )
-        floor_value, floor_note = floor_rate(
-            copy,
+        copy_for_even = Path(tmp) / "floor-even.db"
+        shutil.copyfile(copy, copy_for_even)
+        floor_value, floor_note = replayed_rate(
+            copy, durability="fast", message=pool[0], ran=run.ran, messages=run.messages
+        )
+        even_value, even_note = floor_rate(
+            copy_for_even,
             durability="fast",
             message=pool[0],
             count=run.messages,
@@ -284,6 +290,7 @@ def backlog(sizes: Sizes) -> list[Figure]:
                 f"events cycled); drained in {run.seconds:.1f} s; consumer CPU per message {cpu}",
                 f"consumer: {int(run.done['commits']):,} transactions, {run.claims:,} claims",
                 floor_note + ", on a copy of the same backlog file",
+                spread_evenly(even_note, even_value, run.rate),
             ],
         ),
         Figure(
