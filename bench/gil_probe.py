@@ -15,10 +15,17 @@ and writer alternate, and the broker's in-process throughput is their sum, not
 the larger of the two. A shorter interval only trades that for a wait a step.
 The probe is the evidence for the ratio targets of issue 2 (see docs/sqlite.md,
 "Throughput in one process").
+
+Its second table asks whether fewer hand-overs would let them overlap: a
+writer whose transaction is four statements for 64 rows of 1 KiB (a
+multi-row INSERT and a DELETE, no row handed back one by one) beside the same
+busy main thread, each side's speed as a fraction of its speed alone. Two
+threads that overlapped would add up to nearly 2; they add up to about 1.
 """
 
 from __future__ import annotations
 
+import sqlite3
 import sys
 import tempfile
 import threading
@@ -72,6 +79,63 @@ def writer_rate(messages: int, *, busy: bool, interval: float) -> tuple[float, i
         sys.setswitchinterval(previous)
 
 
+#: Rows a transaction of the few-statements writer inserts and deletes.
+_ROWS = 64
+_OVERLAP_SECONDS = 1.5
+
+
+def _few_statements(path: Path, stop: threading.Event, done: dict[str, float]) -> None:
+    """Transactions of 64 rows in 4 statements, until ``stop``; rows written into ``done``."""
+    connection = sqlite3.connect(path, isolation_level=None)
+    try:
+        connection.execute("PRAGMA journal_mode = WAL")
+        connection.execute("PRAGMA synchronous = NORMAL")
+        connection.execute("CREATE TABLE IF NOT EXISTS rows (id INTEGER PRIMARY KEY, body BLOB)")
+        insert = "INSERT INTO rows (body) VALUES " + ", ".join(["(?)"] * _ROWS)
+        body = b"x" * 1024
+        rows = 0
+        while not stop.is_set():
+            connection.execute("BEGIN IMMEDIATE")
+            connection.execute(insert, [body] * _ROWS)
+            connection.execute("DELETE FROM rows")
+            connection.execute("COMMIT")
+            rows += _ROWS
+        done["rows"] = rows
+    finally:
+        connection.close()
+
+
+def overlap(
+    *, writer: bool, busy: bool, interval: float, seconds: float = _OVERLAP_SECONDS
+) -> tuple[float, float]:
+    """(writer rows/s, main-thread chunks/s) over a fixed time, either side on or off."""
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(interval)
+    try:
+        with tempfile.TemporaryDirectory() as scratch:
+            stop, done = threading.Event(), {"rows": 0.0}
+            thread = threading.Thread(
+                target=_few_statements, args=(Path(scratch) / "overlap.db", stop, done)
+            )
+            if writer:
+                thread.start()
+            chunks, started = 0, time.perf_counter()
+            while time.perf_counter() - started < seconds:
+                if busy:
+                    total = 0
+                    for number in range(_CHUNK):
+                        total += number
+                    chunks += 1
+                else:
+                    time.sleep(0.01)
+            stop.set()
+            if writer:
+                thread.join()
+            return done["rows"] / seconds, chunks / seconds
+    finally:
+        sys.setswitchinterval(previous)
+
+
 def main() -> None:
     messages = int(sys.argv[1]) if len(sys.argv) > 1 else 20_000
     baseline, _ = writer_rate(messages, busy=False, interval=0.005)
@@ -88,6 +152,20 @@ def main() -> None:
         print(
             f"{'busy':<12} {interval * 1e6:>12.0f} us {rate:>13,.0f} {rate / baseline:>11.3f}"
             f"   (main thread: {chunks / seconds:,.0f} chunks/s)"
+        )
+    rows_alone, _ = overlap(writer=True, busy=False, interval=0.005)
+    _, chunks_alone = overlap(writer=False, busy=True, interval=0.005)
+    print(
+        f"\nfew statements ({_ROWS} rows in 4 statements a transaction): writer alone "
+        f"{rows_alone:,.0f} rows/s, main thread alone {chunks_alone:,.0f} chunks/s"
+    )
+    print(f"{'switch interval':>15} {'writer':>7} {'main':>6} {'sum':>5}  (2 = side by side)")
+    for interval in (0.005, 0.001, 0.0002, 0.00005):
+        rows_rate, chunk_rate = overlap(writer=True, busy=True, interval=interval)
+        writer_part, main_part = rows_rate / rows_alone, chunk_rate / chunks_alone
+        print(
+            f"{interval * 1e6:>12.0f} us {writer_part:>7.0%} {main_part:>6.0%} "
+            f"{writer_part + main_part:>5.2f}"
         )
 
 
