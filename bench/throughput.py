@@ -77,6 +77,40 @@ def spread_evenly(note: str, rate: float, wirework: float) -> str:
     return f"{again}: {rate:,.0f} msg/s, ratio {wirework / rate:.2f}"
 
 
+def floors(
+    replay_db: Path,
+    even_db: Path,
+    *,
+    durability: str,
+    message: WireMessage,
+    ran: list[floor.Replayed],
+    wirework: float,
+    messages: int,
+    claims: int,
+    commits: int,
+    synced: int | None,
+    publish: bool = True,
+) -> tuple[float, list[str]]:
+    """The judged floor (the broker's transactions run again) and both floors' notes.
+
+    The floor spread evenly runs after it, on ``even_db``, for comparison only.
+    """
+    value, note = replayed_rate(
+        replay_db, durability=durability, message=message, ran=ran, messages=messages
+    )
+    even_value, even_note = floor_rate(
+        even_db,
+        durability=durability,
+        message=message,
+        count=messages,
+        claims=claims,
+        commits=commits,
+        synced=synced,
+        publish=publish,
+    )
+    return value, [note, spread_evenly(even_note, even_value, wirework)]
+
+
 def per_message(seconds: float, messages: int) -> str:
     return f"{seconds / max(1, messages) * 1e6:.0f} us"
 
@@ -136,18 +170,14 @@ def _in_process(sizes: Sizes, cases: Sequence[Case]) -> list[Figure]:
                     )
                 )
                 claims = run.transactions.operations - 2 * run.messages
-                floor_value, floor_note = replayed_rate(
+                floor_value, floor_notes = floors(
                     Path(tmp) / "floor.db",
-                    durability=durability,
-                    message=batch[0],
-                    ran=run.ran,
-                    messages=run.messages,
-                )
-                even_value, even_note = floor_rate(
                     Path(tmp) / "floor-even.db",
                     durability=durability,
                     message=batch[0],
-                    count=run.messages,
+                    ran=run.ran,
+                    wirework=run.rate,
+                    messages=run.messages,
                     claims=claims,
                     commits=run.transactions.commits,
                     synced=run.transactions.synced,
@@ -162,8 +192,7 @@ def _in_process(sizes: Sizes, cases: Sequence[Case]) -> list[Figure]:
                     f"{run.transactions.per_commit:.1f} operations each, {claims:,} claims",
                     f"CPU per message: event loop {per_message(run.cpu.loop, run.messages)}, "
                     f"writer thread {per_message(run.cpu.others, run.messages)}",
-                    floor_note,
-                    spread_evenly(even_note, even_value, run.rate),
+                    *floor_notes,
                 ],
             )
 
@@ -201,18 +230,14 @@ def processes(sizes: Sizes) -> list[Figure]:
                         consumers=2,
                     )
                 )
-                floor_value, floor_note = replayed_rate(
+                floor_value, (floor_note, even_note) = floors(
                     Path(tmp) / "floor.db",
-                    durability=durability,
-                    message=messages[0],
-                    ran=run.ran,
-                    messages=run.messages,
-                )
-                even_value, even_note = floor_rate(
                     Path(tmp) / "floor-even.db",
                     durability=durability,
                     message=messages[0],
-                    count=run.messages,
+                    ran=run.ran,
+                    wirework=run.rate,
+                    messages=run.messages,
                     claims=run.claims,
                     commits=run.commits,
                     synced=run.synced,
@@ -232,7 +257,7 @@ def processes(sizes: Sizes) -> list[Figure]:
                     f"consumer process CPU per message {cpu}; transactions: publisher "
                     f"{run.publisher.commits:,}, consumer processes {commits}",
                     floor_note + ", in the order they committed, on one connection",
-                    spread_evenly(even_note, even_value, run.rate),
+                    even_note,
                 ],
             )
 
@@ -263,14 +288,14 @@ def backlog(sizes: Sizes) -> list[Figure]:
         )
         copy_for_even = Path(tmp) / "floor-even.db"
         shutil.copyfile(copy, copy_for_even)
-        floor_value, floor_note = replayed_rate(
-            copy, durability="fast", message=pool[0], ran=run.ran, messages=run.messages
-        )
-        even_value, even_note = floor_rate(
+        floor_value, (floor_note, even_note) = floors(
+            copy,
             copy_for_even,
             durability="fast",
             message=pool[0],
-            count=run.messages,
+            ran=run.ran,
+            wirework=run.rate,
+            messages=run.messages,
             claims=run.claims,
             commits=int(run.done["commits"]),
             synced=None,  # fast: nothing is synced at commit on either side
@@ -290,7 +315,7 @@ def backlog(sizes: Sizes) -> list[Figure]:
                 f"events cycled); drained in {run.seconds:.1f} s; consumer CPU per message {cpu}",
                 f"consumer: {int(run.done['commits']):,} transactions, {run.claims:,} claims",
                 floor_note + ", on a copy of the same backlog file",
-                spread_evenly(even_note, even_value, run.rate),
+                even_note,
             ],
         ),
         Figure(

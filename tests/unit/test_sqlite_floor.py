@@ -8,6 +8,8 @@ import pytest
 from bench import floor, sqlite_e2e, sqlite_procs, throughput
 from bench.payload import make_messages
 
+from wirework.envelope import WireMessage
+
 
 def test_the_strict_floor_syncs_as_many_commits_as_the_broker_did(tmp_path: Path) -> None:
     # The broker syncs only its transactions holding a publish; a floor syncing all of
@@ -50,6 +52,20 @@ def test_without_a_count_the_floor_syncs_every_transaction_holding_a_publish(
     assert db.synced == holding
 
 
+def _replay_leaving_nothing(
+    tmp_path: Path, durability: str, ran: list[floor.Replayed], messages: list[WireMessage]
+) -> floor.FloorDb:
+    """Replay ``ran`` on a new floor file; everything it published, it claimed and acked."""
+    db = floor.FloorDb(tmp_path / "floor.db", durability=durability, message=messages[0])
+    try:
+        assert floor.replay(db, ran, messages=len(messages)) > 0
+        left = db.connection.execute("SELECT COUNT(*) FROM ww_deliveries").fetchone()[0]
+    finally:
+        db.close()
+    assert left == 0
+    return db
+
+
 async def test_the_replayed_floor_runs_the_brokers_own_transactions(tmp_path: Path) -> None:
     # What the broker's writer committed in a real run, run again with raw sqlite3:
     # every message published, claimed and acked, as many transactions synced.
@@ -66,14 +82,8 @@ async def test_the_replayed_floor_runs_the_brokers_own_transactions(tmp_path: Pa
     assert len(run.ran) == run.transactions.commits
     assert sum(done.synced for done in run.ran) == run.transactions.synced
 
-    db = floor.FloorDb(tmp_path / "floor.db", durability="strict", message=messages[0])
-    try:
-        assert floor.replay(db, run.ran, messages=run.messages) > 0
-        left = db.connection.execute("SELECT COUNT(*) FROM ww_deliveries").fetchone()[0]
-    finally:
-        db.close()
-    assert left == 0  # everything it published, it claimed and acked
-    assert db.synced == run.transactions.synced
+    replayed = _replay_leaving_nothing(tmp_path, "strict", run.ran, messages)
+    assert replayed.synced == run.transactions.synced
 
 
 def test_a_replay_that_is_not_one_run_is_refused(tmp_path: Path) -> None:
@@ -103,10 +113,4 @@ async def test_the_floor_replays_transactions_of_several_processes_in_commit_ord
         tmp_path / "broker.db", durability="fast", messages=messages, processes=2, consumers=1
     )
     assert [one.at for one in run.ran] == sorted(one.at for one in run.ran)
-    db = floor.FloorDb(tmp_path / "floor.db", durability="fast", message=messages[0])
-    try:
-        assert floor.replay(db, run.ran, messages=run.messages) > 0
-        left = db.connection.execute("SELECT COUNT(*) FROM ww_deliveries").fetchone()[0]
-    finally:
-        db.close()
-    assert left == 0
+    _replay_leaving_nothing(tmp_path, "fast", run.ran, messages)
