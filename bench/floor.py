@@ -33,7 +33,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -42,8 +42,8 @@ import orjson
 
 from bench.payload import GROUP, TOPIC
 from wirework.brokers import sqlite_ops as ops
-from wirework.brokers.sqlite import FAST_CHECKPOINT_PAGES
-from wirework.brokers.sqlite_writer import Batch
+from wirework.brokers.sqlite import FAST_CHECKPOINT_PAGES, SqliteBroker
+from wirework.brokers.sqlite_writer import Batch, Committed
 from wirework.envelope import WireMessage
 
 LEASE_SECONDS = 30.0
@@ -233,6 +233,18 @@ def replay(db: FloorDb, transactions: list[Replayed], *, messages: int) -> float
     if acked != messages:
         raise RuntimeError(f"the replay acked {acked:,} messages of {messages:,}: not one run")
     return messages / seconds
+
+
+def recorded(broker: SqliteBroker, committed: Sequence[Committed]) -> list[Replayed]:
+    """What ``broker.record_transactions()`` recorded, as ``replay`` runs it."""
+    return [Replayed(one.at, one.synced, broker.operations_of(one)) for one in committed]
+
+
+def in_order(transactions: list[Replayed], between: tuple[float, float]) -> list[Replayed]:
+    """Transactions committed within ``between``, by commit time: several processes' merged."""
+    opens, closes = between
+    kept = [one for one in transactions if opens <= one.at <= closes]
+    return sorted(kept, key=lambda one: one.at)
 
 
 def others(transactions: list[Replayed]) -> int:

@@ -25,11 +25,13 @@ threads that overlapped would add up to nearly 2; they add up to about 1.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from bench import floor
@@ -38,6 +40,17 @@ from bench.payload import make_messages
 CLAIM_SIZE = 16
 #: Busy-work chunk of the main thread between checks: about 50 us of pure Python.
 _CHUNK = 2_000
+
+
+@contextlib.contextmanager
+def _switch_interval(interval: float) -> Iterator[None]:
+    """``sys.setswitchinterval(interval)`` for the block, then as it was."""
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(interval)
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(previous)
 
 
 def _busy_chunk() -> int:
@@ -50,39 +63,34 @@ def _busy_chunk() -> int:
 
 def writer_rate(messages: int, *, busy: bool, interval: float) -> tuple[float, int]:
     """The floor's msg/s on a second thread; and how many busy chunks the main thread ran."""
-    previous = sys.getswitchinterval()
-    sys.setswitchinterval(interval)
-    try:
-        with tempfile.TemporaryDirectory() as scratch:
-            outcome: dict[str, float] = {}
-            message = make_messages(1)[0]
+    with _switch_interval(interval), tempfile.TemporaryDirectory() as scratch:
+        outcome: dict[str, float] = {}
+        message = make_messages(1)[0]
 
-            def write() -> None:
-                # A connection belongs to the thread that opened it, as in the broker.
-                db = floor.FloorDb(Path(scratch) / "probe.db", durability="fast", message=message)
-                try:
-                    outcome["rate"] = floor.throughput(
-                        db,
-                        count=messages,
-                        claim_size=CLAIM_SIZE,
-                        commits=-(-messages // CLAIM_SIZE),
-                    )
-                finally:
-                    db.close()
+        def write() -> None:
+            # A connection belongs to the thread that opened it, as in the broker.
+            db = floor.FloorDb(Path(scratch) / "probe.db", durability="fast", message=message)
+            try:
+                outcome["rate"] = floor.throughput(
+                    db,
+                    count=messages,
+                    claim_size=CLAIM_SIZE,
+                    commits=-(-messages // CLAIM_SIZE),
+                )
+            finally:
+                db.close()
 
-            thread = threading.Thread(target=write)
-            thread.start()
-            chunks = 0
-            while thread.is_alive():
-                if busy:
-                    _busy_chunk()
-                    chunks += 1
-                else:
-                    thread.join(0.01)
-            thread.join()
-            return outcome["rate"], chunks
-    finally:
-        sys.setswitchinterval(previous)
+        thread = threading.Thread(target=write)
+        thread.start()
+        chunks = 0
+        while thread.is_alive():
+            if busy:
+                _busy_chunk()
+                chunks += 1
+            else:
+                thread.join(0.01)
+        thread.join()
+        return outcome["rate"], chunks
 
 
 #: Rows a transaction of the few-statements writer inserts and deletes.
@@ -115,29 +123,24 @@ def overlap(
     *, writer: bool, busy: bool, interval: float, seconds: float = _OVERLAP_SECONDS
 ) -> tuple[float, float]:
     """(writer rows/s, main-thread chunks/s) over a fixed time, either side on or off."""
-    previous = sys.getswitchinterval()
-    sys.setswitchinterval(interval)
-    try:
-        with tempfile.TemporaryDirectory() as scratch:
-            stop, done = threading.Event(), {"rows": 0.0}
-            thread = threading.Thread(
-                target=_few_statements, args=(Path(scratch) / "overlap.db", stop, done)
-            )
-            if writer:
-                thread.start()
-            chunks, started = 0, time.perf_counter()
-            while time.perf_counter() - started < seconds:
-                if busy:
-                    _busy_chunk()
-                    chunks += 1
-                else:
-                    time.sleep(0.01)
-            stop.set()
-            if writer:
-                thread.join()
-            return done["rows"] / seconds, chunks / seconds
-    finally:
-        sys.setswitchinterval(previous)
+    with _switch_interval(interval), tempfile.TemporaryDirectory() as scratch:
+        stop, done = threading.Event(), {"rows": 0.0}
+        thread = threading.Thread(
+            target=_few_statements, args=(Path(scratch) / "overlap.db", stop, done)
+        )
+        if writer:
+            thread.start()
+        chunks, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            if busy:
+                _busy_chunk()
+                chunks += 1
+            else:
+                time.sleep(0.01)
+        stop.set()
+        if writer:
+            thread.join()
+        return done["rows"] / seconds, chunks / seconds
 
 
 def main() -> None:

@@ -128,10 +128,7 @@ async def throughput(
             while consumer.stats.handled < len(messages):  # the last acks are on their way
                 await asyncio.sleep(0.0005)
             finished = time.perf_counter()
-            ran = [
-                floor.Replayed(committed.at, committed.synced, broker.operations_of(committed))
-                for committed in recorded[:]
-            ]
+            ran = floor.recorded(broker, recorded[:])
             result = Throughput(
                 messages=len(messages),
                 seconds=finished - started,

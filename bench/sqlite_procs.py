@@ -206,17 +206,12 @@ async def spread(
         finished = time.perf_counter()
         window_closes = time.monotonic()
         publisher = probe.Transactions.of(broker) - transactions
-        ran = [
-            floor.Replayed(committed.at, committed.synced, broker.operations_of(committed))
-            for committed in recorded[:]
-        ]
+        ran = floor.recorded(broker, recorded[:])
         done = [await child.stop() for child in children]
     for child_done in done:
         ran += [floor.Replayed(*fields) for fields in child_done.pop("ran")]
     # The children's claims before the first publish and after the drain found nothing.
-    in_run = sorted(
-        (one for one in ran if window_opens <= one.at <= window_closes), key=lambda one: one.at
-    )
+    in_run = floor.in_order(ran, (window_opens, window_closes))
     return Spread(len(messages), finished - started, published - started, publisher, done, in_run)
 
 
@@ -312,5 +307,5 @@ async def drain(db: Path, *, pool: Sequence[WireMessage], count: int, copy_to: P
         peak_rss = max(peak_rss, memory.memory_info().rss)
         done = await child.stop()
     ran = [floor.Replayed(*fields) for fields in done.pop("ran")]
-    in_run = [one for one in ran if window_opens <= one.at <= window_closes]
+    in_run = floor.in_order(ran, (window_opens, window_closes))
     return Drain(count, seconds, publish_seconds, idle_rss, peak_rss, done, in_run)

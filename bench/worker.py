@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from bench import probe
+from bench import floor, probe
 from bench.payload import CONCURRENCY, SUBSCRIPTION, Order
 from bench.plan import run_sqlite_side
 from bench.sqlite_e2e import open_broker
@@ -74,10 +75,7 @@ async def run(
             operations=spent.operations,
             synced=spent.synced,
             cpu_seconds=probe.process_cpu() - cpu,
-            ran=[
-                [committed.at, committed.synced, broker.operations_of(committed)]
-                for committed in recorded
-            ],
+            ran=[dataclasses.astuple(one) for one in floor.recorded(broker, recorded)],
         )
 
 

@@ -73,16 +73,6 @@ async def row(broker: SqliteBroker) -> GroupStats:
     return found
 
 
-async def test_a_current_ack_is_not_counted_as_stale(broker: SqliteBroker) -> None:
-    await broker.publish(TOPIC, message(1))
-    deliveries = broker.subscribe(sub())
-    delivery = await receive(deliveries)
-    await delivery.ack()
-    assert broker.stale_settles == 0
-    assert (await row(broker)).backlog == 0
-    await deliveries.aclose()
-
-
 async def test_a_stale_ack_returns_is_counted_and_leaves_the_new_holder(
     broker: SqliteBroker, clock: ManualClock
 ) -> None:
