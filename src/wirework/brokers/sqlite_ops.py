@@ -225,10 +225,10 @@ def _insert(connection: sqlite3.Connection, accepted: list[tuple[NewMessage, lis
     one): this transaction holds the write lock, so nobody takes them meanwhile.
     One statement per 64 rows instead of two a message (with ``ack`` below: the
     SQL of a message published, claimed and acked, 64 a transaction, went from
-    146k to 127k instructions, callgrind). Each statement is a GIL hand-over on
-    the writer thread (the GIL is let go around ``sqlite3_step``), and while the
-    event loop is busy, getting it back can take a whole loop iteration: fewer
-    statements let the thread's SQLite work overlap with the loop's.
+    146k to 127k instructions, callgrind). Where the writer's thread runs the
+    transaction, each statement is also a GIL hand-over (the GIL is let go around
+    ``sqlite3_step``), and while the event loop is busy, getting it back can take
+    a whole loop iteration.
     """
     row = connection.execute(
         "SELECT seq FROM sqlite_sequence WHERE name = 'ww_messages'"

@@ -1,12 +1,33 @@
-"""One thread that owns the SQLite connection and commits work in groups.
+"""The SQLite connection's writer: commits work in groups, on the loop or on its thread.
 
 Every request (publish, claim, ack, ...) is queued by the event loop with its
 *step*: a function of the connection that runs all requests of its kind. The
-thread takes everything queued, runs it in one transaction and commits once,
-so concurrent publishers and acks share an fsync (group commit) and the event
-loop never blocks on disk. A request whose step gives one of our errors had
-no effect (steps check before they write); its error is handed to its caller
-alone.
+requests of one loop iteration run in one transaction with one commit, and
+the writer's thread takes everything queued while it was busy the same way,
+so concurrent publishers and acks share an fsync (group commit). A request
+whose step gives one of our errors had no effect (steps check before they
+write); its error is handed to its caller alone.
+
+Where a transaction runs. The event loop runs it itself, at the end of the
+iteration that queued it, when nothing can make it wait long: the thread has
+nothing in hand, every request is bounded by its own size (a publish, a
+claim, a settle; ``Writer.submit``), the commit needs no fsync
+(``durability="fast"``, or only acks and claims), and the write lock is free
+at once. Anything else goes to the thread, which waits on the disk and on
+other processes while the loop goes on: a synced commit, a lock held by
+another process, statistics and listings, the checkpoints. In one process
+the GIL lets the loop and the thread take turns, not overlap
+(``bench.gil_probe``), so handing a transaction to the thread bought
+nothing but the hand-over: two wake-ups across cores, 20-60 us a
+transaction. Running it on the loop gave +10-30 % msg/s in the SQLite
+bench's workloads 1, 2 and 6 (docs/backends/sqlite.md). What the loop pays
+is the transaction's time without disk waits: 60 us to 1 ms.
+
+Checkpoints never run on the loop: SQLite's automatic one (a 10 ms copy and
+fsync every few thousand pages) would run inside whichever commit crossed the
+mark. The connection has it off, and the writer checkpoints on its thread
+after as many changed rows as the WAL pages it keeps, a ratio it re-learns
+from each checkpoint's page count.
 
 Requests of one step run together: all publishes in one call, all acks in
 another, then the one-off operations (claims among them, which so see what
@@ -35,6 +56,9 @@ from typing import Any, Protocol
 from wirework.errors import BrokerBusyError, BrokerError, BrokerUnavailableError, WireworkError
 
 MAX_BATCH = 512
+#: Bounds of the rows changed between checkpoints, whatever a checkpoint's pages said.
+_CHECKPOINT_MIN_CHANGES = 64
+_CHECKPOINT_MAX_FACTOR = 8
 _BUSY_PAUSE_FIRST = 0.0001
 _BUSY_PAUSE_MAX = 0.002
 #: ``PRAGMA synchronous`` level NORMAL: in WAL mode, commits are not synced.
@@ -107,13 +131,15 @@ class _Queued:
     deadline: float
     read_only: bool
     durable: bool
+    bounded: bool
 
 
 class Writer:
-    """The connection's thread; ``submit`` from the event loop, ``stop`` to finish.
+    """The connection's writer; ``submit`` from the event loop, ``stop`` to finish.
 
-    ``after_commit`` runs on this thread after a commit whose batch has listeners;
-    the function it returns runs on the loop just after the outcomes are handed over.
+    ``after_commit`` runs after a commit whose batch has listeners, where the
+    transaction ran (the loop or the thread); the function it returns runs on the
+    loop just after the outcomes are settled.
     """
 
     def __init__(
@@ -123,14 +149,20 @@ class Writer:
         busy_timeout: float,
         after_commit: Callable[[Batch], Callable[[], None]],
         loop: asyncio.AbstractEventLoop,
+        checkpoint_pages: int,
     ) -> None:
+        """``connect`` must open with ``wal_autocheckpoint = 0``: checkpoints are the writer's.
+
+        ``checkpoint_pages``: WAL pages to let grow between checkpoints, as SQLite's
+        ``wal_autocheckpoint`` would.
+        """
         self._connect = connect
         self._busy_timeout = busy_timeout
         self._after_commit = after_commit
         self._loop = loop
         self._queue: queue.SimpleQueue[list[_Queued] | None] = queue.SimpleQueue()
         self._outbox: list[_Queued] = []
-        """Requests of this loop iteration, handed to the thread together by ``_flush``."""
+        """Requests of this loop iteration, run together by ``_flush``."""
         self._backlog: deque[_Queued] = deque()
         """Requests the thread took from the queue and has not run yet (its own)."""
         self._thread = threading.Thread(target=self._main, name="wirework-sqlite", daemon=True)
@@ -141,8 +173,24 @@ class Writer:
         self._opened_sync: int | None = None
         self._current_sync: int | None = None
         self._busy_pause = _BUSY_PAUSE_FIRST
+        self._handed = 0
+        """Lists of requests handed to the thread and not yet all answered (see ``_flush``)."""
+        self._handed_lock = threading.Lock()
+        self._taken = 0
+        """Of those, the lists the thread has taken from the queue (its own)."""
+        self._stopped = False
+        self._answers: list[tuple[list[tuple[Reply, Any]], Callable[[], None] | None]] = []
+        """The thread's outcomes not yet sent to the loop (its own)."""
+        self._checkpoint_pages = checkpoint_pages
+        self._checkpoint_every = checkpoint_pages
+        """Rows changed between checkpoints: pages wanted, by the last pages-per-change."""
+        self._changes_checkpointed = 0
+        self._checkpoint_due = False
+        self.checkpoints = 0
         self.commits = 0
         """Transactions committed; with ``operations`` it shows how well commits are shared."""
+        self.commits_here = 0
+        """Of those, the ones the loop ran itself."""
         self.operations = 0
         self.synced = 0
         """Writing transactions committed at the file's own ``synchronous`` level."""
@@ -153,7 +201,13 @@ class Writer:
         """
 
     def submit(
-        self, step: Step, request: Any, *, read_only: bool = False, durable: bool = True
+        self,
+        step: Step,
+        request: Any,
+        *,
+        read_only: bool = False,
+        durable: bool = True,
+        bounded: bool = False,
     ) -> asyncio.Future[Any]:
         """Queue ``request`` for ``step``; the future gets its outcome after the commit.
 
@@ -163,9 +217,14 @@ class Writer:
         an fsync, 0.4 ms less on the bench machine, which an idle consumer's claim
         would otherwise add to the publishes queued behind it. Its commit becomes
         durable with the next synced one, since the WAL is replayed in order.
+
+        ``bounded=True`` says its work is bounded by its own size (a publish, a
+        claim, a settle), so the loop may run it itself (see the module docstring);
+        anything that may scan or delete without bound (statistics, dead-letter
+        listings, deleting a group) runs on the thread, never blocking the loop.
         """
         future: asyncio.Future[Any] = self._loop.create_future()
-        self.send(step, request, future, read_only=read_only, durable=durable)
+        self.send(step, request, future, read_only=read_only, durable=durable, bounded=bounded)
         return future
 
     def send(
@@ -176,6 +235,7 @@ class Writer:
         *,
         read_only: bool = False,
         durable: bool = True,
+        bounded: bool = False,
     ) -> None:
         """Queue ``request``; ``reply`` gets its outcome on the loop after the commit."""
         if not self._started:
@@ -184,28 +244,49 @@ class Writer:
         if not self._outbox:
             self._loop.call_soon(self._flush)
         deadline = time.monotonic() + self._busy_timeout
-        self._outbox.append(_Queued(step, request, reply, deadline, read_only, durable))
+        self._outbox.append(_Queued(step, request, reply, deadline, read_only, durable, bounded))
 
     def _flush(self) -> None:
-        """Hand this loop iteration's requests to the thread in one go.
+        """Run this loop iteration's requests as one transaction, here or on the thread.
 
-        One queue put, and at most one wake-up of the thread, per loop iteration
-        instead of per request: a put that wakes the blocked thread is a futex
-        call, and the woken thread then competes with the loop for the GIL to
-        start a transaction of one request. Now it finds the iteration's work at
-        once. The cost is one loop iteration of delay, microseconds when idle.
-        Requests still unflushed when the loop dies are lost as a killed
-        process's are: nothing was promised for them (an ack's message comes
-        back after its lease).
+        One transaction per loop iteration instead of per request, and at most one
+        wake-up of the thread: a put that wakes the blocked thread is a futex call,
+        and the woken thread then competes with the loop for the GIL to start a
+        transaction of one request. The cost is one loop iteration of delay,
+        microseconds when idle. Here (on the loop) only when nothing handed to the
+        thread is still unanswered, so transactions keep the order their requests
+        were queued in and the connection has one user at a time. Requests still
+        unflushed when the loop dies are lost as a killed process's are: nothing was
+        promised for them (an ack's message comes back after its lease).
         """
-        if self._outbox:
-            self._queue.put(self._outbox)
-            self._outbox = []
+        if not self._outbox:
+            return
+        items, self._outbox = self._outbox, []
+        if self._may_run_here(items) and self._attempt(items, here=True):
+            if self._checkpoint_due:
+                self._hand_over([])  # the thread checkpoints, the loop goes on
+            return
+        self._hand_over(items)
+
+    def _may_run_here(self, items: list[_Queued]) -> bool:
+        """Nothing in the thread's hands, bounded work, and a commit that waits for no fsync."""
+        if self._handed or self._stopped or self._connection is None or self._opened_sync is None:
+            return False
+        if not all(item.bounded for item in items):
+            return False
+        # Synced only under strict, and only if some request is durable.
+        return self._opened_sync <= _NORMAL or not any(item.durable for item in items)
+
+    def _hand_over(self, items: list[_Queued]) -> None:
+        with self._handed_lock:
+            self._handed += 1
+        self._queue.put(items)
 
     async def stop(self) -> None:
         """Run everything queued so far, then end the thread."""
         if not self._started:
             return
+        self._stopped = True
         self._flush()
         self._queue.put(None)
         await asyncio.to_thread(self._thread.join)
@@ -220,14 +301,37 @@ class Writer:
                     if items is None:
                         break
                     self._backlog.extend(items)
+                    self._taken += 1
                 batch = self._waiting(MAX_BATCH)
-                if self._connection is None and not self._open(batch):
-                    continue
-                self._run(batch)
+                if self._connection is not None or self._open(batch):
+                    self._run(batch)
+                if not self._backlog:
+                    self._done_with_all()
+                self._send_answers()
         finally:
             if self._connection is not None:
                 with contextlib.suppress(sqlite3.Error):
                     self._connection.close()
+
+    def _done_with_all(self) -> None:
+        """All it took is run: a due checkpoint, then the connection is the loop's again.
+
+        Before the answers go: a caller that is answered and queues again at once
+        finds the loop free to run it.
+        """
+        if self._checkpoint_due and self._connection is not None:
+            self._checkpoint(self._connection)
+        if self._taken:
+            with self._handed_lock:
+                self._handed -= self._taken
+            self._taken = 0
+
+    def _send_answers(self) -> None:
+        """The thread's outcomes to the loop: one wake-up of the loop a batch."""
+        answers, self._answers = self._answers, []
+        for outcomes, then in answers:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                self._loop.call_soon_threadsafe(_settle_all, outcomes, then)
 
     def _waiting(self, limit: int) -> list[_Queued]:
         """Up to ``limit`` requests, oldest first, without waiting; notes a stop request."""
@@ -241,6 +345,7 @@ class Writer:
                 self._stopping = True
             else:
                 backlog.extend(items)
+                self._taken += 1
         return [backlog.popleft() for _ in range(min(limit, len(backlog)))]
 
     def _open(self, pending: list[_Queued]) -> bool:
@@ -259,12 +364,11 @@ class Writer:
             error = BrokerUnavailableError(f"cannot open the SQLite broker: {exc}")
         else:
             return True
-        self._resolve([(item.reply, error) for item in pending])
+        self._resolve([(item.reply, error) for item in pending], here=False)
         return False
 
     def _run(self, pending: list[_Queued]) -> None:
-        connection = self._connection
-        assert connection is not None  # set in _main before any batch
+        """On the thread: ``pending`` in one transaction, waiting out another process's lock."""
         while pending:
             now = time.monotonic()
             expired = [item for item in pending if item.deadline <= now]
@@ -273,55 +377,96 @@ class Writer:
                     f"the SQLite broker file is locked by another process for more than "
                     f"busy_timeout={self._busy_timeout}s; nothing was written, retry later"
                 )
-                self._resolve([(item.reply, busy) for item in expired])
+                self._resolve([(item.reply, busy) for item in expired], here=False)
+                self._send_answers()  # now: the others may wait on for a while
                 pending = [item for item in pending if item.deadline > now]
                 if not pending:
                     return
-            if self._current_busy_ms != 0:
-                # SQLite's busy handler sleeps 1, 2, 5, 10 ... 100 ms between tries, far
-                # longer than another process holds the lock: retry here, finely.
-                connection.execute("PRAGMA busy_timeout = 0")
-                self._current_busy_ms = 0
-            read_only = all(item.read_only for item in pending)
-            durable = any(item.durable for item in pending)
-            try:
-                self._sync(connection, durable=durable)
-                connection.execute("BEGIN" if read_only else "BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                if _is_busy(exc):
-                    # Another process holds the lock for well under a millisecond, usually:
-                    # retry soon, backing off to 2 ms so a long lock does not burn a core.
-                    time.sleep(self._busy_pause)
-                    self._busy_pause = min(self._busy_pause * 2, _BUSY_PAUSE_MAX)
-                    continue
-                self._busy_pause = _BUSY_PAUSE_FIRST
-                self._resolve([(item.reply, _translate(exc)) for item in pending])
+            if self._attempt(pending, here=False):
+                if self._checkpoint_due and self._connection is not None:
+                    self._checkpoint(self._connection)
                 return
+            # Another process holds the lock for well under a millisecond, usually:
+            # retry soon, backing off to 2 ms so a long lock does not burn a core.
+            time.sleep(self._busy_pause)
+            self._busy_pause = min(self._busy_pause * 2, _BUSY_PAUSE_MAX)
+
+    def _attempt(self, pending: list[_Queued], *, here: bool) -> bool:
+        """One try at ``pending`` as one transaction; False if the lock was busy: nothing ran.
+
+        ``here``: on the loop, whose outcomes are settled at once; the thread's go
+        to the loop in one call. Only the thread takes in requests queued meanwhile.
+        """
+        connection = self._connection
+        assert connection is not None  # opened on the thread before any batch
+        if self._current_busy_ms != 0:
+            # SQLite's busy handler sleeps 1, 2, 5, 10 ... 100 ms between tries, far
+            # longer than another process holds the lock: the thread retries finely.
+            connection.execute("PRAGMA busy_timeout = 0")
+            self._current_busy_ms = 0
+        read_only = all(item.read_only for item in pending)
+        durable = any(item.durable for item in pending)
+        try:
+            self._sync(connection, durable=durable)
+            connection.execute("BEGIN" if read_only else "BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            if _is_busy(exc):
+                return False
             self._busy_pause = _BUSY_PAUSE_FIRST
-            batch = Batch()
-            ran: list[tuple[Step, int, list[Operation]]] | None = (
-                [] if self.record is not None else None
-            )
-            try:
-                absorb = not read_only and self._current_sync == self._opened_sync
-                outcomes = self._steps(connection, batch, pending, absorb=absorb, ran=ran)
-                at = time.monotonic() if ran is not None else 0.0
-                connection.execute("COMMIT")
-            except sqlite3.Error as exc:
-                with contextlib.suppress(sqlite3.Error):
-                    connection.execute("ROLLBACK")
-                if _is_busy(exc):
-                    continue
-                self._resolve([(item.reply, _translate(exc)) for item in pending])
-                return
-            self.commits += 1
-            self.operations += len(pending)
-            synced = not read_only and self._current_sync == self._opened_sync
-            self.synced += synced
-            if self.record is not None and ran is not None:
-                self.record.append(Committed(at, synced, tuple(ran)))
-            self._resolve(outcomes, self._after_commit(batch) if batch.listeners else None)
+            self._resolve([(item.reply, _translate(exc)) for item in pending], here=here)
+            return True
+        self._busy_pause = _BUSY_PAUSE_FIRST
+        batch = Batch()
+        ran: list[tuple[Step, int, list[Operation]]] | None = (
+            [] if self.record is not None else None
+        )
+        try:
+            absorb = not here and not read_only and self._current_sync == self._opened_sync
+            outcomes = self._steps(connection, batch, pending, absorb=absorb, ran=ran)
+            at = time.monotonic() if ran is not None else 0.0
+            connection.execute("COMMIT")
+        except Exception as exc:
+            # Never left open: the next BEGIN, on the loop or the thread, would fail.
+            with contextlib.suppress(sqlite3.Error):
+                connection.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error) and _is_busy(exc):
+                return False
+            self._resolve([(item.reply, _translate(exc)) for item in pending], here=here)
+            return True
+        self.commits += 1
+        self.commits_here += here
+        self.operations += len(pending)
+        synced = not read_only and self._current_sync == self._opened_sync
+        self.synced += synced
+        if self.record is not None and ran is not None:
+            self.record.append(Committed(at, synced, tuple(ran)))
+        if connection.total_changes - self._changes_checkpointed >= self._checkpoint_every:
+            self._checkpoint_due = True
+        self._resolve(outcomes, self._after_commit(batch) if batch.listeners else None, here=here)
+        return True
+
+    def _checkpoint(self, connection: sqlite3.Connection) -> None:
+        """A passive checkpoint, on the thread; learns the WAL pages a changed row costs.
+
+        Passive: it copies what no reader still needs and never waits, as SQLite's
+        automatic checkpoint does. One that fails is tried again after as many rows:
+        nothing is lost, the WAL only grows meanwhile.
+        """
+        self._checkpoint_due = False
+        changes = connection.total_changes - self._changes_checkpointed
+        self._changes_checkpointed = connection.total_changes
+        try:
+            _, pages, _ = connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error:
             return
+        self.checkpoints += 1
+        if pages > 0 and changes > 0:
+            # Pages include other processes' writes: bounded, so one odd count does no harm.
+            wanted = self._checkpoint_pages * changes // pages
+            self._checkpoint_every = max(
+                _CHECKPOINT_MIN_CHANGES,
+                min(wanted, self._checkpoint_pages * _CHECKPOINT_MAX_FACTOR),
+            )
 
     def _steps(
         self,
@@ -369,10 +514,15 @@ class Writer:
         self,
         outcomes: list[tuple[Reply, Any]],
         then: Callable[[], None] | None = None,
+        *,
+        here: bool,
     ) -> None:
-        """Hand outcomes to the loop, and run ``then`` there: one wake-up of the loop a batch."""
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
-            self._loop.call_soon_threadsafe(_settle_all, outcomes, then)
+        """Settle outcomes on the loop and run ``then`` there: at once when ``here``,
+        else once the thread is done with its batch (``_send_answers``)."""
+        if here:
+            _settle_all(outcomes, then)
+        else:
+            self._answers.append((outcomes, then))
 
 
 def _by_step(pending: list[_Queued]) -> list[list[_Queued]]:
@@ -411,7 +561,9 @@ def _is_busy(exc: sqlite3.Error) -> bool:
     return "locked" in text or "busy" in text
 
 
-def _translate(exc: sqlite3.Error) -> BrokerError:
+def _translate(exc: Exception) -> BrokerError:
+    if not isinstance(exc, sqlite3.Error):  # a step's own bug: named, not a hang
+        return BrokerError(f"SQLite broker step failed: {exc!r}")
     if _is_busy(exc):
         return BrokerBusyError(f"the SQLite broker file is locked: {exc}")
     return BrokerUnavailableError(f"SQLite broker failed: {exc}")
