@@ -191,34 +191,15 @@ class SqliteBroker(Broker):
 
         return wake
 
-    def _call(
-        self,
-        operation: Any,
-        *args: Any,
-        read_only: bool = False,
-        durable: bool = True,
-        bounded: bool = False,
-    ) -> asyncio.Future[Any]:
+    def _call(self, operation: Any, *args: Any, **flags: bool) -> asyncio.Future[Any]:
         """Queue a one-off operation: ``operation(connection, batch, *args)``.
 
-        ``bounded``: its work is bounded by its arguments (``Writer.submit``).
+        ``flags``: ``read_only``, ``durable``, ``bounded``, as ``Writer.submit`` takes them.
         """
-        return self._submit(
-            each, _OneOff(operation, args), read_only=read_only, durable=durable, bounded=bounded
-        )
+        return self._submit(each, _OneOff(operation, args), **flags)
 
-    def _submit(
-        self,
-        step: Step,
-        request: Any,
-        *,
-        read_only: bool = False,
-        durable: bool = True,
-        bounded: bool = False,
-    ) -> asyncio.Future[Any]:
-        return self._started_writer().submit(
-            step, request, read_only=read_only, durable=durable, bounded=bounded
-        )
+    def _submit(self, step: Step, request: Any, **flags: bool) -> asyncio.Future[Any]:
+        return self._started_writer().submit(step, request, **flags)
 
     def _started_writer(self) -> Writer:
         if self._writer is None:
