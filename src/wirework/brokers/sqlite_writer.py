@@ -305,22 +305,31 @@ class Writer:
                 batch = self._waiting(MAX_BATCH)
                 if self._connection is not None or self._open(batch):
                     self._run(batch)
-                if not self._backlog:
-                    self._done_with_all()
-                self._send_answers()
+                self._after_batch()
         finally:
             if self._connection is not None:
                 with contextlib.suppress(sqlite3.Error):
                     self._connection.close()
 
-    def _done_with_all(self) -> None:
-        """All it took is run: a due checkpoint, then the connection is the loop's again.
+    def _after_batch(self) -> None:
+        """Answers to the loop, a due checkpoint, and the connection back to the loop.
 
-        Before the answers go: a caller that is answered and queues again at once
-        finds the loop free to run it.
+        The connection goes back once all the thread took is run, and before the
+        answers when it can: a caller that is answered and queues again at once
+        finds the loop free to run it. A due checkpoint comes after the answers,
+        so the loop handles them while it copies and syncs (the GIL let go), and
+        the connection goes back after it.
         """
+        if not self._backlog and not self._checkpoint_due:
+            self._give_back()
+        self._send_answers()
         if self._checkpoint_due and self._connection is not None:
             self._checkpoint(self._connection)
+        if not self._backlog:
+            self._give_back()
+
+    def _give_back(self) -> None:
+        """What the thread took is all answered: the loop may use the connection again."""
         if self._taken:
             with self._handed_lock:
                 self._handed -= self._taken
@@ -383,8 +392,6 @@ class Writer:
                 if not pending:
                     return
             if self._attempt(pending, here=False):
-                if self._checkpoint_due and self._connection is not None:
-                    self._checkpoint(self._connection)
                 return
             # Another process holds the lock for well under a millisecond, usually:
             # retry soon, backing off to 2 ms so a long lock does not burn a core.
