@@ -27,7 +27,8 @@ Checkpoints never run on the loop: SQLite's automatic one (a 10 ms copy and
 fsync every few thousand pages) would run inside whichever commit crossed the
 mark. The connection has it off, and the writer checkpoints on its thread
 after as many changed rows as the WAL pages it keeps, a ratio it re-learns
-from each checkpoint's page count.
+from each checkpoint's page count, once its answers are on their way to the
+loop.
 
 Requests of one step run together: all publishes in one call, all acks in
 another, then the one-off operations (claims among them, which so see what
