@@ -188,6 +188,7 @@ class Writer:
         self._changes_checkpointed = 0
         self._checkpoint_due = False
         self.checkpoints = 0
+        """Checkpoints the writer ran (SQLite's automatic one is off on its connection)."""
         self.commits = 0
         """Transactions committed; with ``operations`` it shows how well commits are shared."""
         self.commits_here = 0
