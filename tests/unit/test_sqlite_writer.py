@@ -96,9 +96,10 @@ async def test_publish_claim_and_ack_run_on_the_loop_under_fast(fast: SqliteBrok
 
 async def test_a_request_behind_the_threads_work_waits_its_turn(fast: SqliteBroker) -> None:
     order: list[str] = []
-    release = threading.Event()
+    entered, release = threading.Event(), threading.Event()
 
     def slow(connection: sqlite3.Connection, batch: Batch, requests: list[Any]) -> list[int]:
+        entered.set()
         release.wait(5.0)
         order.append("slow")
         return [threading.get_ident()] * len(requests)
@@ -108,10 +109,12 @@ async def test_a_request_behind_the_threads_work_waits_its_turn(fast: SqliteBrok
         return [threading.get_ident()] * len(requests)
 
     first = fast._submit(slow, None)  # unbounded: the thread's
-    await asyncio.sleep(0)  # its own loop iteration, so its own transaction
+    assert await asyncio.to_thread(entered.wait, 5.0)  # the thread is inside it
     second = fast._submit(quick, None, bounded=True, durable=False)
-    await asyncio.sleep(0.05)
+    await asyncio.sleep(0)  # the loop iteration whose end flushes it
+    await asyncio.sleep(0)
     assert order == []  # the bounded one did not run on the loop past the thread's
+    assert not second.done()
     release.set()
     idents = await asyncio.gather(first, second)
     assert order == ["slow", "quick"]
