@@ -1,8 +1,9 @@
 """Where the SQLite writer runs a transaction: on the loop when nothing can make it wait.
 
 The loop runs a transaction itself when the writer's thread has nothing in
-hand, every request is bounded, no fsync is due and the write lock is free
-at once; anything else goes to the thread. These pin each condition, the
+hand, every request is bounded and the write lock is free at once (under
+strict, the WAL's sync follows on a thread of its own); anything else goes
+to the thread. These pin each condition, the
 order of transactions across the two, that the loop never waits for another
 process's lock, that checkpoints run on the thread and keep the WAL bounded,
 and that a step's bug neither hangs its callers nor leaves a transaction open.
@@ -72,9 +73,12 @@ async def test_fast_runs_bounded_requests_on_the_loop(fast: SqliteBroker) -> Non
     assert await ran_on(fast, read_only=True) == "thread"
 
 
-async def test_strict_hands_a_synced_commit_to_the_thread(strict: SqliteBroker) -> None:
-    assert await ran_on(strict, bounded=True) == "thread"  # durable: an fsync at commit
+async def test_strict_runs_bounded_requests_on_the_loop_too(strict: SqliteBroker) -> None:
+    # Durable ones too: the WAL's sync runs after the commit, on its own thread
+    # (tests/unit/test_sqlite_wal_sync.py).
+    assert await ran_on(strict, bounded=True) == "loop"
     assert await ran_on(strict, bounded=True, durable=False) == "loop"
+    assert await ran_on(strict) == "thread"
 
 
 async def test_publish_claim_and_ack_run_on_the_loop_under_fast(fast: SqliteBroker) -> None:

@@ -51,10 +51,18 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Protocol
 
-from wirework.errors import BrokerBusyError, BrokerError, BrokerUnavailableError, WireworkError
+from wirework.brokers.sqlite_wal_sync import WalSync
+from wirework.errors import (
+    BrokerBusyError,
+    BrokerError,
+    BrokerUnavailableError,
+    PublishOutcomeUnknownError,
+    WireworkError,
+)
 
 MAX_BATCH = 512
 #: Bounds of the rows changed between checkpoints, whatever a checkpoint's pages said.
@@ -187,6 +195,16 @@ class Writer:
         """Rows changed between checkpoints: pages wanted, by the last pages-per-change."""
         self._changes_checkpointed = 0
         self._checkpoint_due = False
+        self._wal_sync: WalSync | None = None
+        """Under strict, the WAL's sync after the loop's commits (``sqlite_wal_sync``)."""
+        self._unsynced: list[tuple[Reply, Any]] = []
+        """The loop's durable outcomes committed since the sync in flight began."""
+        self._syncing: list[tuple[Reply, Any]] | None = None
+        """The outcomes the sync in flight covers; None while none is."""
+        self._sync_idle = asyncio.Event()
+        self._sync_idle.set()
+        self._unsynced_record: tuple[list[Committed], int] | None = None
+        """The recorded commit the next sync follows: the floor syncs after it."""
         self.checkpoints = 0
         """Checkpoints the writer ran (SQLite's automatic one is off on its connection)."""
         self.commits = 0
@@ -195,7 +213,8 @@ class Writer:
         """Of those, the ones the loop ran itself."""
         self.operations = 0
         self.synced = 0
-        """Writing transactions committed at the file's own ``synchronous`` level."""
+        """Syncs of the WAL: commits at the file's own level (strict: FULL), and the
+        loop's syncs after its commits under strict, one for all made before it."""
         self.record: list[Committed] | None = None
         """When a list, every committed transaction is appended to it (``Committed``).
 
@@ -276,8 +295,13 @@ class Writer:
             return False
         if not all(item.bounded for item in items):
             return False
-        # Synced only under strict, and only if some request is durable.
-        return self._opened_sync <= _NORMAL or not any(item.durable for item in items)
+        # Synced only under strict, and only if some request is durable; then the
+        # WAL's own thread syncs after the commit, unless the file has no WAL path.
+        return (
+            self._opened_sync <= _NORMAL
+            or self._wal_sync is not None
+            or not any(item.durable for item in items)
+        )
 
     def _hand_over(self, items: list[_Queued]) -> None:
         with self._handed_lock:
@@ -290,8 +314,14 @@ class Writer:
             return
         self._stopped = True
         self._flush()
+        # Before the thread closes the connection: the last one to close checkpoints
+        # and deletes the WAL, which a later sync would then not find. Nothing is
+        # added once stopped: everything goes to the thread, which syncs its commits.
+        await self._sync_idle.wait()
         self._queue.put(None)
         await asyncio.to_thread(self._thread.join)
+        if self._wal_sync is not None:
+            await self._wal_sync.close()
 
     def _main(self) -> None:
         try:
@@ -415,8 +445,11 @@ class Writer:
             self._current_busy_ms = 0
         read_only = all(item.read_only for item in pending)
         durable = any(item.durable for item in pending)
+        # On the loop under strict: committed unsynced, its durable outcomes held for
+        # the WAL's sync on its own thread (see ``sqlite_wal_sync``).
+        sync_after = here and durable and not read_only and self._wal_sync is not None
         try:
-            self._sync(connection, durable=durable)
+            self._sync(connection, durable=durable and not sync_after)
             connection.execute("BEGIN" if read_only else "BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             if _is_busy(exc):
@@ -449,10 +482,64 @@ class Writer:
         self.synced += synced
         if self.record is not None and ran is not None:
             self.record.append(Committed(at, synced, tuple(ran)))
+            if sync_after:
+                self._unsynced_record = (self.record, len(self.record) - 1)
         if connection.total_changes - self._changes_checkpointed >= self._checkpoint_every:
             self._checkpoint_due = True
-        self._resolve(outcomes, self._after_commit(batch) if batch.listeners else None, here=here)
+        then = self._after_commit(batch) if batch.listeners else None
+        if sync_after:
+            outcomes = self._hold_for_sync(outcomes, pending)
+        self._resolve(outcomes, then, here=here)
         return True
+
+    def _hold_for_sync(
+        self, outcomes: list[tuple[Reply, Any]], pending: list[_Queued]
+    ) -> list[tuple[Reply, Any]]:
+        """Keep the durable requests' results for the WAL's sync; return the rest.
+
+        A durable request that failed wrote nothing, and a claim or an ack needs no
+        sync (``submit``): they are answered now. A sync starts unless one is in
+        flight; the commits made meanwhile wait for the next, one for them all.
+        """
+        durable = {id(item.reply) for item in pending if item.durable}
+        now: list[tuple[Reply, Any]] = []
+        for reply, outcome in outcomes:
+            if id(reply) in durable and not isinstance(outcome, BaseException):
+                self._unsynced.append((reply, outcome))
+            else:
+                now.append((reply, outcome))
+        if self._syncing is None and self._unsynced:
+            self._start_sync()
+        return now
+
+    def _start_sync(self) -> None:
+        """Sync the WAL for every commit held so far (on the loop)."""
+        assert self._wal_sync is not None
+        self._syncing, self._unsynced = self._unsynced, []
+        self._sync_idle.clear()
+        self.synced += 1
+        if self._unsynced_record is not None:
+            record, index = self._unsynced_record
+            record[index] = replace(record[index], synced=True)
+            self._unsynced_record = None
+        self._wal_sync.request()
+
+    def _synced(self, error: OSError | None) -> None:
+        """On the loop, after a sync: answer what it covered, start the next if any waits."""
+        outcomes, self._syncing = self._syncing or [], None
+        if error is not None:
+            assert self._wal_sync is not None
+            unknown = PublishOutcomeUnknownError(
+                f"the SQLite broker committed, then could not sync {str(self._wal_sync.wal)!r} "
+                f"to disk ({error}): the message may not survive a power loss; check the disk, "
+                f"then publish again (an idempotent consumer absorbs the copy)"
+            )
+            outcomes = [(reply, unknown) for reply, _ in outcomes]
+        _settle_all(outcomes, None)
+        if self._unsynced:
+            self._start_sync()
+        else:
+            self._sync_idle.set()
 
     def _checkpoint(self, connection: sqlite3.Connection) -> None:
         """A passive checkpoint, on the thread; learns the WAL pages a changed row costs.
@@ -512,8 +599,12 @@ class Writer:
     def _sync(self, connection: sqlite3.Connection, *, durable: bool) -> None:
         """Set ``synchronous`` for the next commit: as opened, or NORMAL if not durable."""
         if self._opened_sync is None:
-            (self._opened_sync,) = connection.execute("PRAGMA synchronous").fetchone()
-            self._current_sync = self._opened_sync
+            (opened,) = connection.execute("PRAGMA synchronous").fetchone()
+            wal = _wal_of(connection)
+            if opened > _NORMAL and wal is not None:  # before the loop may see opened
+                self._wal_sync = WalSync(wal, loop=self._loop, synced=self._synced)
+            self._current_sync = opened
+            self._opened_sync = opened
         wanted = self._opened_sync if durable else min(self._opened_sync, _NORMAL)
         if wanted != self._current_sync:
             connection.execute(f"PRAGMA synchronous = {int(wanted)}")
@@ -563,6 +654,15 @@ def _settle_all(outcomes: list[tuple[Reply, Any]], then: Callable[[], None] | No
             reply.set_result(outcome)
     if then is not None:
         then()
+
+
+def _wal_of(connection: sqlite3.Connection) -> Path | None:
+    """The main database's WAL file, as SQLite names it (symbolic links resolved); None
+    for a database without a file."""
+    for _, name, file in connection.execute("PRAGMA database_list"):
+        if name == "main" and file:
+            return Path(f"{file}-wal")
+    return None
 
 
 def _is_busy(exc: sqlite3.Error) -> bool:
