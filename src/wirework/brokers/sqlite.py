@@ -1,8 +1,13 @@
 """The embedded default broker: one SQLite file, shared by every process that opens it.
 
-Durable: ``publish`` returns after the commit, in WAL mode, with
-``synchronous=FULL`` under ``durability="strict"`` (the default), so a
-returned publish survives a process crash *and* a power loss. ``"fast"``
+Durable: ``publish`` returns after the commit, in WAL mode, and under
+``durability="strict"`` (the default) after the WAL's sync too, so a
+returned publish survives a process crash *and* a power loss. The file is
+opened with ``synchronous=FULL``; the commits the event loop runs are made
+without a sync and followed by SQLite's own ``fdatasync`` of the WAL on a
+thread of its own, off the write lock (``sqlite_wal_sync``): a message is
+visible to consumers from its commit, a few hundred microseconds before its
+publish returns, as RabbitMQ delivers before it confirms. ``"fast"``
 (``synchronous=NORMAL``) still survives any process crash, but the last
 commits before an OS crash or power loss may roll back (SQLite's documented
 WAL/NORMAL window); choose it only where a replayable source exists. A
@@ -13,10 +18,11 @@ uncounted.
 Acks are at-least-once bookkeeping, so they are not synced: a transaction of
 acks and claims alone commits with ``synchronous=NORMAL``, even under
 ``"strict"``; any transaction holding a publish (or a nack, a dead-letter, a
-replay) is synced as the file asks. ``ack()`` returns after the commit, so a
-process crash undoes no returned ack. The window: an ack is on disk once the
-next synced commit on the file (any publish, from any process) or the next
-checkpoint has run, as the WAL is replayed in order. A power loss or OS crash
+replay) is synced as the file asks, at its commit or just after. ``ack()``
+returns after the commit, so a process crash undoes no returned ack. The
+window: an ack is on disk once the next synced commit on the file (any
+publish, from any process) or the next checkpoint has run, as the WAL is
+replayed in order. A power loss or OS crash
 before that (a fraction of a second while messages flow; up to the next
 publish when idle) undoes the ack, and the message is delivered again, which
 at-least-once already allows (RELIABILITY.md P1 and P3 hold: the inbox absorbs
@@ -429,9 +435,9 @@ class SqliteBroker(Broker):
 
     @property
     def synced_commits(self) -> int:
-        """Writing transactions committed at the file's level (with an fsync under strict).
-
-        The others held only acks and claims (see the module docstring).
+        """Syncs of writing transactions: commits at the file's level (an fsync under
+        strict), and under strict the WAL's syncs after the loop's commits, each for all
+        commits made before it. The others held only acks and claims (module docstring).
         """
         return 0 if self._writer is None else self._writer.synced
 

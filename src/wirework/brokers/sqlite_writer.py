@@ -11,11 +11,13 @@ write); its error is handed to its caller alone.
 Where a transaction runs. The event loop runs it itself, at the end of the
 iteration that queued it, when nothing can make it wait long: the thread has
 nothing in hand, every request is bounded by its own size (a publish, a
-claim, a settle; ``Writer.submit``), the commit needs no fsync
-(``durability="fast"``, or only acks and claims), and the write lock is free
-at once. Anything else goes to the thread, which waits on the disk and on
-other processes while the loop goes on: a synced commit, a lock held by
-another process, statistics and listings, the checkpoints. In one process
+claim, a settle; ``Writer.submit``), and the write lock is free at once.
+Under ``durability="strict"`` the loop commits without a sync, and the
+durable requests (publishes, nacks) are answered once a thread of its own has
+synced the WAL after the commit (``sqlite_wal_sync``). Anything else goes to
+the writer's thread, which waits on the disk and on other processes while the
+loop goes on: a lock held by another process, statistics and listings, the
+checkpoints; its own commits are synced by SQLite as the file asks. In one process
 the GIL lets the loop and the thread take turns, not overlap
 (``bench.gil_probe``), so handing a transaction to the thread bought
 nothing but the hand-over: two wake-ups across cores, 20-60 us a
@@ -126,7 +128,8 @@ class Committed:
     """``time.monotonic()`` just before the commit, with the write lock held: across
     processes on one file (the clock is machine-wide on Linux), the order of commits."""
     synced: bool
-    """Committed at the file's own ``synchronous`` level (an fsync under strict)."""
+    """Followed by an fsync under strict: committed at the file's own ``synchronous``
+    level, or the last commit before one of the loop's syncs of the WAL."""
     runs: tuple[tuple[Step, int, list[Operation]], ...]
     """Each step, in the order they ran, with its number of requests and, for ``each``
     alone, the operations: no other request is kept, not to hold every message."""
@@ -234,10 +237,10 @@ class Writer:
 
         ``durable=False`` says that losing this request's commit in a power cut does
         no harm: a claim (after a reboot every lease is released anyway; at most its
-        attempt goes uncounted). A transaction of such requests alone commits without
-        an fsync, 0.4 ms less on the bench machine, which an idle consumer's claim
-        would otherwise add to the publishes queued behind it. Its commit becomes
-        durable with the next synced one, since the WAL is replayed in order.
+        attempt goes uncounted), an ack. A transaction of such requests alone commits
+        without an fsync, and on the loop under strict such a request is answered at
+        the commit, not after the WAL's sync. Its commit becomes durable with the
+        next synced one, since the WAL is replayed in order.
 
         ``bounded=True`` says its work is bounded by its own size (a publish, a
         claim, a settle), so the loop may run it itself (see the module docstring);
@@ -290,7 +293,8 @@ class Writer:
         self._hand_over(items)
 
     def _may_run_here(self, items: list[_Queued]) -> bool:
-        """Nothing in the thread's hands, bounded work, and a commit that waits for no fsync."""
+        """Nothing in the thread's hands, bounded work, and a commit that waits for no fsync
+        (under strict the WAL's sync thread syncs after it)."""
         if self._handed or self._stopped or self._connection is None or self._opened_sync is None:
             return False
         if not all(item.bounded for item in items):
