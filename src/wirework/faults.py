@@ -11,6 +11,12 @@ The points this package has (an instrumentation contract: tests rely on them):
 ``consume.after_handler``, ``consume.after_commit_before_ack``,
 ``consume.after_ack``, ``publish.before_commit``, ``publish.after_commit``.
 
+``publish.before_commit`` and ``publish.after_commit`` are the SQLite broker's
+(``sqlite_writer``): they fire around the COMMIT of a transaction that stores
+messages, once its rows are written and once they are committed, before any of
+its publishes returns (under strict, the WAL's sync is still to come). On the
+server backends the commit is the server's, out of a client process's reach.
+
 ``consume.after_commit_before_ack`` fires after the handler returned and
 before the ack is sent; until the inbox exists it is the same moment as
 ``consume.after_handler``.

@@ -151,6 +151,8 @@ class FaultRun:
         tasks: int = 1,
         duration: float = 0.0,
         busy_timeout: float = 5.0,
+        fault_point: str | None = None,
+        fault_every: int = 1,
     ) -> Worker:
         options = [
             f"--count={count}",
@@ -159,7 +161,8 @@ class FaultRun:
             f"--duration={duration}",
             f"--busy-timeout={busy_timeout}",
         ]
-        return self.start("publish", name, options)
+        env = {"FAULT_POINT": fault_point, "FAULT_EVERY": str(fault_every)} if fault_point else {}
+        return self.start("publish", name, options, env=env)
 
     def consumer(
         self,

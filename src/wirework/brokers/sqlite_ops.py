@@ -162,6 +162,7 @@ def publish(
         outcomes.append(None)
     if accepted:
         _insert(connection, accepted)
+        batch.published += len(accepted)
     return outcomes
 
 

@@ -65,6 +65,7 @@ from wirework.errors import (
     PublishOutcomeUnknownError,
     WireworkError,
 )
+from wirework.faults import fault_point
 
 MAX_BATCH = 512
 #: Bounds of the rows changed between checkpoints, whatever a checkpoint's pages said.
@@ -82,6 +83,8 @@ class Batch:
 
     listeners: dict[str, list[str]] = field(default_factory=dict)
     """Topic -> doorbell addresses to ring once the transaction has committed."""
+    published: int = 0
+    """Messages the transaction stores: it passes the ``publish.*`` crash points."""
 
 
 Operation = Callable[[sqlite3.Connection, Batch], Any]
@@ -470,6 +473,8 @@ class Writer:
             absorb = not here and not read_only and self._current_sync == self._opened_sync
             outcomes = self._steps(connection, batch, pending, absorb=absorb, ran=ran)
             at = time.monotonic() if ran is not None else 0.0
+            if batch.published:
+                fault_point("publish.before_commit")
             connection.execute("COMMIT")
         except Exception as exc:
             # Never left open: the next BEGIN, on the loop or the thread, would fail.
@@ -479,6 +484,8 @@ class Writer:
                 return False
             self._resolve([(item.reply, _translate(exc)) for item in pending], here=here)
             return True
+        if batch.published:
+            fault_point("publish.after_commit")  # committed; no publish of it has returned
         self.commits += 1
         self.commits_here += here
         self.operations += len(pending)
