@@ -103,8 +103,10 @@ def preamble(sizes: Sizes, quick: bool, suites: list[str]) -> str:
             f"{PUBLISHERS} tasks, each serial; all on the same broker object as the consumer "
             f"in workloads 1-2",
             f"throughput = messages / (first publish .. last ack), {runs}; {sizes.messages:,} "
-            f"messages ({sizes.serial_messages:,} for serial); durability strict = "
-            f"synchronous FULL, fast = NORMAL, WAL in both",
+            f"messages ({sizes.serial_messages:,} for serial); durability strict = a "
+            f"returned publish is on disk (wirework: the WAL's fdatasync after the loop's "
+            f"commit, on a thread; the floor: synchronous FULL for the transactions the "
+            f"broker synced after), fast = NORMAL, WAL in both",
             "floor: the broker's own SQL (wirework.brokers.sqlite_ops: multi-row INSERTs, "
             "one UPDATE ... RETURNING a claim, one DELETE per 64 acks) with plain sqlite3 in "
             "one thread, same pragmas: the broker's transactions of the run again, in the "

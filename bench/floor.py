@@ -11,7 +11,12 @@ one per 64 messages). The message records are built before the clock starts,
 as the broker builds them on the event loop, not on its writer thread.
 
 Same pragmas as the broker (WAL; ``synchronous`` FULL for strict, NORMAL for
-fast, with the broker's checkpoint interval under fast).
+fast, with the broker's checkpoint interval under fast). Since 2026-11-28 the
+broker's event loop commits a strict publish without a sync and a thread of
+its own then syncs the WAL, once for the commits made before it
+(``sqlite_wal_sync``); such a commit is recorded as synced when it is the last
+before a sync, and the floor commits it with FULL: the same fsyncs, made one
+after another, as one thread must.
 
 Two plans. ``replay`` runs the broker's own transactions of a run again
 (``SqliteBroker.record_transactions``): the same calls, sizes and order, so
