@@ -218,9 +218,12 @@ class Writer:
         self.commits_here = 0
         """Of those, the ones the loop ran itself."""
         self.operations = 0
-        self.synced = 0
-        """Syncs of the WAL: commits at the file's own level (strict: FULL), and the
-        loop's syncs after its commits under strict, one for all made before it."""
+        self.synced_at_commit = 0
+        """Writing transactions committed at the file's own ``synchronous`` level."""
+        self.synced_after = 0
+        """Under strict, the loop's syncs of the WAL after its commits, one for all
+        made before it. Counted apart: the loop counts these while the thread may
+        count the others."""
         self.record: list[Committed] | None = None
         """When a list, every committed transaction is appended to it (``Committed``).
 
@@ -294,6 +297,11 @@ class Writer:
                 self._hand_over([])  # the thread checkpoints, the loop goes on
             return
         self._hand_over(items)
+
+    @property
+    def synced(self) -> int:
+        """Syncs of writing transactions: at their commit, or after it (strict, the loop)."""
+        return self.synced_at_commit + self.synced_after
 
     def _may_run_here(self, items: list[_Queued]) -> bool:
         """Nothing in the thread's hands, bounded work, and a commit that waits for no fsync
@@ -490,7 +498,7 @@ class Writer:
         self.commits_here += here
         self.operations += len(pending)
         synced = not read_only and self._current_sync == self._opened_sync
-        self.synced += synced
+        self.synced_at_commit += synced
         if self.record is not None and ran is not None:
             self.record.append(Committed(at, synced, tuple(ran)))
             if sync_after:
@@ -528,7 +536,7 @@ class Writer:
         assert self._wal_sync is not None
         self._syncing, self._unsynced = self._unsynced, []
         self._sync_idle.clear()
-        self.synced += 1
+        self.synced_after += 1
         if self._unsynced_record is not None:
             record, index = self._unsynced_record
             record[index] = replace(record[index], synced=True)
