@@ -162,7 +162,7 @@ async def test_a_failed_sync_fails_its_publish_as_outcome_unknown(
         seen = []
         for _ in range(3):
             delivery = await asyncio.wait_for(anext(deliveries), DEADLINE)
-            seen.append(delivery.message.message_id)
+            seen.append(str(delivery.message.message_id))
             await delivery.ack()
         await deliveries.aclose()
     assert sorted(seen) == ["m0", "m1", "m2"]
