@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import errno
 import os
+import re
 import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -45,7 +46,7 @@ class Gate:
         self.entered = 0
         self.synced: list[os.stat_result] = []
         """The files really synced, in order."""
-        self.fail_next: OSError | None = None
+        self.fail_next: Exception | None = None
 
     def __call__(self, fd: int) -> None:
         with self._changed:
@@ -149,12 +150,19 @@ async def test_commits_made_during_a_sync_share_the_next(tmp_path: Path, gate: G
         assert writer.synced == synced + 2  # the first's sync, then one for the four
 
 
+@pytest.mark.parametrize(
+    "failure",
+    [OSError(errno.EIO, "Input/output error"), RuntimeError("a bug in the sync")],
+    ids=["EIO", "a bug"],
+)
 async def test_a_failed_sync_fails_its_publish_as_outcome_unknown(
-    tmp_path: Path, gate: Gate
+    tmp_path: Path, gate: Gate, failure: Exception
 ) -> None:
     async with strict_broker(tmp_path / "strict.db") as broker:
-        gate.fail_next = OSError(errno.EIO, "Input/output error")
-        with pytest.raises(PublishOutcomeUnknownError, match=r"strict\.db-wal.*Input/output"):
+        gate.fail_next = failure
+        with pytest.raises(
+            PublishOutcomeUnknownError, match=rf"strict\.db-wal.*{re.escape(str(failure))}"
+        ):
             await asyncio.wait_for(broker.publish(TOPIC, message(1)), DEADLINE)
         await asyncio.wait_for(broker.publish(TOPIC, message(2)), DEADLINE)
         # Committed, only not known to be on disk: the unknown one is delivered too.

@@ -59,8 +59,9 @@ def sync_file(path: Path, *, directory: bool = False) -> None:
 class WalSync:
     """Syncs the WAL on its thread, one request at a time; answers on the loop.
 
-    ``synced(error)`` runs on the loop after each sync, with the ``OSError`` that
-    failed it or None. The caller asks for the next sync only after that.
+    ``synced(error)`` runs on the loop after each sync, with the exception that
+    failed it or None: an ``OSError``, or anything else, never a thread that dies
+    and publishes that wait forever. The caller asks for the next sync only after.
     """
 
     def __init__(
@@ -68,7 +69,7 @@ class WalSync:
         wal: Path,
         *,
         loop: asyncio.AbstractEventLoop,
-        synced: Callable[[OSError | None], None],
+        synced: Callable[[Exception | None], None],
     ) -> None:
         self.wal = wal
         self._loop = loop
@@ -93,10 +94,10 @@ class WalSync:
 
     def _main(self) -> None:
         while self._requests.get():
-            error: OSError | None = None
+            error: Exception | None = None
             try:
                 self._sync()
-            except OSError as exc:
+            except Exception as exc:
                 error = exc
             with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
                 self._loop.call_soon_threadsafe(self._synced, error)

@@ -543,7 +543,7 @@ class Writer:
             self._unsynced_record = None
         self._wal_sync.request()
 
-    def _synced(self, error: OSError | None) -> None:
+    def _synced(self, error: Exception | None) -> None:
         """On the loop, after a sync: answer what it covered, start the next if any waits."""
         outcomes, self._syncing = self._syncing or [], None
         if error is not None:
