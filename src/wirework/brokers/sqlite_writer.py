@@ -154,7 +154,9 @@ class Writer:
 
     ``after_commit`` runs after a commit whose batch has listeners, where the
     transaction ran (the loop or the thread); the function it returns runs on the
-    loop just after the outcomes are settled.
+    loop just after the outcomes are settled. Under strict, on the loop, that is
+    at the commit, while the publishes' outcomes wait for the WAL's sync: the
+    commit is visible already, so waking its consumers waits for nothing.
     """
 
     def __init__(
