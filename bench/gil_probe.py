@@ -15,8 +15,9 @@ and writer alternate, and the broker's in-process throughput is their sum, not
 the larger of the two. A shorter interval only trades that for a wait a step.
 The probe is the evidence for the ratio targets of issue 2 (see docs/sqlite.md,
 "Throughput in one process"), and the reason the broker's event loop now runs
-the transactions that need no fsync itself (``wirework.brokers.sqlite_writer``):
-handing them to a thread bought turns, not overlap.
+its bounded transactions itself (``wirework.brokers.sqlite_writer``; under
+strict the WAL's sync follows on a thread of its own): handing them to a
+thread bought turns, not overlap.
 
 Its second table asks whether fewer hand-overs would let them overlap: a
 writer whose transaction is four statements for 64 rows of 1 KiB (a

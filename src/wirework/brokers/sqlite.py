@@ -22,11 +22,11 @@ replay) is synced as the file asks, at its commit or just after. ``ack()``
 returns after the commit, so a process crash undoes no returned ack. The
 window: an ack is on disk once the next synced commit on the file (any
 publish, from any process) or the next checkpoint has run, as the WAL is
-replayed in order. A power loss or OS crash
-before that (a fraction of a second while messages flow; up to the next
-publish when idle) undoes the ack, and the message is delivered again, which
-at-least-once already allows (RELIABILITY.md P1 and P3 hold: the inbox absorbs
-the duplicate). ``docs/backends/sqlite.md`` has the details.
+replayed in order. A power loss or OS crash before that (a fraction of a
+second while messages flow; up to the next publish when idle) undoes the ack,
+and the message is delivered again, which at-least-once already allows
+(RELIABILITY.md P1 and P3 hold: the inbox absorbs the duplicate).
+``docs/backends/sqlite.md`` has the details.
 
 Processes on one machine share the file: competing consumers and groups may
 live in different processes; leases use the machine-wide monotonic clock, so a
@@ -88,7 +88,7 @@ _BUSY_RETRY_PAUSE = 0.05
 #: WAL pages between checkpoints under ``durability="fast"`` (SQLite's default is 1,000).
 #: There the checkpoints are the only fsyncs, and the same hot pages are copied at each:
 #: 4,000 (a WAL of up to 16 MiB) gave +9 % msg/s with 8 publishers (median of 7 paired
-#: runs); under ``strict`` every commit is synced anyway, and it changed nothing.
+#: runs); under ``strict`` every publish is synced anyway, and it changed nothing.
 FAST_CHECKPOINT_PAGES = 4000
 #: WAL pages between checkpoints under ``strict``: SQLite's own default.
 SQLITE_CHECKPOINT_PAGES = 1000
