@@ -33,6 +33,7 @@ from wirework.errors import (
     SchemaValidationError,
     UnknownMessageTypeError,
 )
+from wirework.faults import ARMED as FAULTS_ARMED
 from wirework.faults import fault_point
 
 log = logging.getLogger("wirework.consumer")
@@ -340,8 +341,9 @@ class Consumer:
             self.stats.in_flight -= 1
 
     async def _process(self, delivery: Delivery) -> None:
-        fault_point("consume.after_receive")
-        if delivery.message.size > self.broker.max_message_bytes:
+        if FAULTS_ARMED:
+            fault_point("consume.after_receive")
+        if delivery.exceeds(self.broker.max_message_bytes):
             await self._dead_letter(
                 delivery,
                 DeadLetterReason.TOO_LARGE,
@@ -363,7 +365,8 @@ class Consumer:
         except DecodeError as exc:
             await self._dead_letter(delivery, _decode_reason(exc), Failure.from_exception(exc))
             return
-        fault_point("consume.after_deserialize")
+        if FAULTS_ARMED:
+            fault_point("consume.after_deserialize")
         incoming = Incoming(delivery=delivery, envelope=envelope, route=route, body=body)
         token = current_incoming.set(incoming)
         try:
@@ -380,8 +383,9 @@ class Consumer:
             return
         finally:
             current_incoming.reset(token)
-        fault_point("consume.after_handler")
-        fault_point("consume.after_commit_before_ack")
+        if FAULTS_ARMED:
+            fault_point("consume.after_handler")
+            fault_point("consume.after_commit_before_ack")
         # Ack; where the backend can begin an ack and finish it later, without waiting.
         # The ack keeps its promise: the message counts as handled only once the
         # broker holds the ack, and a crash before that means redelivery. But the
@@ -409,7 +413,8 @@ class Consumer:
 
     def _acked(self, delivery: Delivery, acking: asyncio.Future[None]) -> None:
         self._acks.discard(acking)
-        self._ack_room.set()
+        if len(self._acks) >= self._ack_limit - 1:
+            self._ack_room.set()  # it was full: ``_room_for_an_ack`` may be waiting
         if acking.cancelled():
             return
         error = acking.exception()
@@ -425,7 +430,8 @@ class Consumer:
 
     def _count_ack(self) -> None:
         self.stats.handled += 1
-        fault_point("consume.after_ack")
+        if FAULTS_ARMED:
+            fault_point("consume.after_ack")
 
     def _ack_failed(self, delivery: Delivery, exc: BrokerError) -> None:
         # The lease will run out and the message comes back.

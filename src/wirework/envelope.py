@@ -339,7 +339,11 @@ def decode_body(data: bytes, model: type[M]) -> M:
             pointer (RFC 6901) to the first failing field.
     """
     try:
-        return model.model_validate_json(data)
+        # The model's own validator, as pydantic's ``model_validate_json`` calls it:
+        # 3.4k of the 14k instructions of a 1 KiB body were that Python frame around
+        # it (callgrind). So a model that overrides ``model_validate_json`` is not
+        # asked; pydantic's hooks (validators, ``model_post_init``) all run.
+        body: M = model.__pydantic_validator__.validate_json(data)
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
         location = tuple(first["loc"])
@@ -354,6 +358,7 @@ def decode_body(data: bytes, model: type[M]) -> M:
         raise SchemaValidationError(
             f"body breaks {model.__name__} at {pointer or '/'}: {first['msg']}", field=pointer
         ) from exc
+    return body
 
 
 def _json_problem(data: bytes, detail: str) -> str:
@@ -603,8 +608,13 @@ def _decode_structured(body: bytes) -> Envelope:
 def _build(
     attributes: dict[str, Any], extensions: dict[str, str], data: bytes, *, where: str
 ) -> Envelope:
+    """Validate an envelope; ``attributes``, the caller's own dict, becomes its input."""
+    attributes["extensions"] = extensions
+    attributes["data"] = data
     try:
-        return Envelope.model_validate({**attributes, "extensions": extensions, "data": data})
+        # Straight to pydantic-core: ``model_validate`` is a Python frame around this
+        # same call, 4.5k of the 38k instructions of reading a message (callgrind).
+        envelope: Envelope = Envelope.__pydantic_validator__.validate_python(attributes)
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
         name = "/".join(str(part) for part in first["loc"]) or "envelope"
@@ -613,3 +623,4 @@ def _build(
         else:
             message = f"CloudEvent attribute {name!r} in {where} is invalid: {first['msg']}"
         raise DeserializationError(message, field="/" + name) from exc
+    return envelope

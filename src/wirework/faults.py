@@ -32,6 +32,13 @@ _ARMED = os.environ.get("FAULT_POINT") or None
 _EVERY = max(1, int(os.environ.get("FAULT_EVERY", "1") or "1"))
 _reached = 0
 
+ARMED = _ARMED is not None
+"""Whether this process was started to crash somewhere: a hot path asks this first.
+
+``if ARMED: fault_point(...)`` costs a third of the call it skips; the consumer
+passes five points a message.
+"""
+
 
 def fault_point(name: str) -> None:
     """Die here, at once, if this process was started to crash at ``name``."""

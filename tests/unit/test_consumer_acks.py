@@ -127,3 +127,27 @@ async def test_stop_waits_for_acks_on_their_way_and_counts_only_answered_ones() 
         await stopping
     assert seen == [1, 2]
     assert consumer.stats.handled == 1
+
+
+async def test_at_most_prefetch_acks_are_on_their_way_and_an_answer_makes_room() -> None:
+    """With ``prefetch`` acks unanswered the next ack waits, and its handler's slot with it."""
+    broker = HeldAcks()
+    seen: list[int] = []
+    consumer = consumer_of(broker, seen)
+    await publish(broker, *range(1, 11))
+    async with asyncio.TaskGroup() as tasks:
+        tasks.create_task(consumer.run())
+        await wait_until(lambda: len(seen) == 9, what="the ninth handled, its ack waiting")
+        for _ in range(20):  # loop turns, not time: a tenth would be taken by now
+            await asyncio.sleep(0)
+        assert len(broker.acking) == SUBSCRIPTION.prefetch
+        assert len(seen) == 9, "a handler took a message while its slot waited for an ack"
+        await broker.answer()
+        await wait_until(lambda: len(seen) == 10, what="room for the ninth ack: the tenth taken")
+        while consumer.stats.handled < 10:
+            if broker.acking:
+                await broker.answer()
+            else:
+                await asyncio.sleep(0)
+        await consumer.stop(grace=1)
+    assert seen == list(range(1, 11))

@@ -200,6 +200,14 @@ class Delivery(ABC):
             BrokerError: the ack could not be recorded; the message will come back.
         """
 
+    def exceeds(self, limit: int) -> bool:
+        """Whether the message is over ``limit`` bytes, counted as ``WireMessage.size`` counts.
+
+        Asked of every delivery. A backend that holds a cheap upper bound of the
+        size (SQLite: the stored bytes) answers most of them without counting.
+        """
+        return self.message.size > limit
+
     def start_ack(self) -> asyncio.Future[None] | None:
         """``ack()`` begun now, for a caller with other work meanwhile; None: await ``ack()``.
 

@@ -566,7 +566,20 @@ class SqliteDelivery(Delivery):
         self.first_failure_at = (
             datetime.fromtimestamp(row.first_failure_at, UTC) if row.first_failure_at else None
         )
-        self.message = WireMessage(headers=orjson.loads(row.headers), body=row.body)
+        self.message = WireMessage(orjson.loads(row.headers), row.body)  # positional: 1k less
+        self._size_bound = len(row.headers) + len(row.body)
+
+    def exceeds(self, limit: int) -> bool:
+        """Counted only when the stored bytes are over ``limit``, which they bound from above.
+
+        ``WireMessage.size`` counts the UTF-8 bytes of every header name and value.
+        Their JSON quotes each string and writes every character as its UTF-8 bytes
+        (orjson) or as an escape, never shorter than the bytes it stands for
+        (``\\n`` 2 for 1, ``\\u00e9`` 6 for 2, a surrogate pair 12 for 4). Counting
+        takes 8k instructions a message (callgrind). The publish still counts
+        exactly: its count is also what refuses a header that is not text.
+        """
+        return self._size_bound > limit and self.message.size > limit
 
     @property
     def settled(self) -> bool:
