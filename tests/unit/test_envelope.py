@@ -884,3 +884,18 @@ def test_header_values_are_percent_encoded_exactly_as_quote_does(subject: str) -
     header = encode_binary(envelope).headers["ce-subject"]
     assert header == quote(subject, safe=HEADER_SAFE)
     assert decode_wire(encode_binary(envelope)).subject == subject
+
+
+class Deferred(BaseModel):
+    """A model whose validator pydantic builds on first use."""
+
+    model_config = ConfigDict(defer_build=True)
+    n: int = Field(ge=0)
+
+
+def test_decode_body_builds_a_deferred_model_and_runs_its_validators() -> None:
+    """decode_body calls the model's validator itself: a deferred one is built first."""
+    assert decode_body(b'{"n": 3}', Deferred) == Deferred(n=3)
+    with pytest.raises(SchemaValidationError) as raised:
+        decode_body(b'{"n": -1}', Deferred)
+    assert raised.value.field == "/n"
