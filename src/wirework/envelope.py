@@ -80,12 +80,19 @@ class WireMessage:
 
     @property
     def message_id(self) -> str | None:
-        """The CloudEvent id, read without decoding the message (binary or structured)."""
-        headers = {name.lower(): value for name, value in self.headers.items()}
-        mode = _mode(headers, self.body)
+        """The CloudEvent id, read without decoding the message (binary or structured).
+
+        None where it has none, or none as text: it names a message in logs and
+        dead-letter records, so another writer's headers must not make it raise.
+        """
+        try:
+            headers = {name.lower(): value for name, value in self.headers.items()}
+            mode = _mode(headers, self.body)
+        except (AttributeError, TypeError):  # a name or a content type that is not text
+            return None
         if mode == "binary":
             found = headers.get("ce-id")
-            return None if found is None else unquote(found)
+            return unquote(found) if isinstance(found, str) else None
         if mode is None:
             return None
         try:
@@ -530,25 +537,28 @@ def decode_wire(message: WireMessage) -> Envelope:
     content_type: str | None = None
     attributes: dict[str, Any] = {}
     extensions: dict[str, str] = {}
-    for name, value in message.headers.items():
-        attribute = _OUR_HEADERS.get(name)
-        if attribute is not None:  # as we write them: one lookup, no lower() or slicing
-            if "%" in value:  # unquote() costs 0.4 us even with nothing to decode
-                value = unquote(value)
-            attributes[attribute] = value
-            continue
-        lower = name.lower()
-        if lower == "content-type":
-            content_type = value
-        elif lower.startswith("ce-"):
-            if "%" in value:
-                value = unquote(value)
-            attribute = lower[3:]
-            if attribute in _KNOWN:
+    try:  # free unless raised: a header of another type than text, from a foreign writer
+        for name, value in message.headers.items():
+            attribute = _OUR_HEADERS.get(name)
+            if attribute is not None:  # as we write them: one lookup, no lower() or slicing
+                if "%" in value:  # unquote() costs 0.4 us even with nothing to decode
+                    value = unquote(value)
                 attributes[attribute] = value
-            else:
-                extensions[attribute] = value
-    media = (content_type or "").split(";", 1)[0].strip().lower()
+                continue
+            lower = name.lower()
+            if lower == "content-type":
+                content_type = value
+            elif lower.startswith("ce-"):
+                if "%" in value:
+                    value = unquote(value)
+                attribute = lower[3:]
+                if attribute in _KNOWN:
+                    attributes[attribute] = value
+                else:
+                    extensions[attribute] = value
+        media = (content_type or "").split(";", 1)[0].strip().lower()
+    except (TypeError, AttributeError) as exc:
+        raise DeserializationError(_not_text(message.headers)) from exc
     if media != STRUCTURED_CONTENT_TYPE and (attributes or extensions):
         attributes["datacontenttype"] = content_type
         return _build(attributes, extensions, message.body, where="ce-* headers")
@@ -559,6 +569,21 @@ def decode_wire(message: WireMessage) -> Envelope:
         f"CloudEvents JSON document (content-type {content_type or 'missing'!r}, "
         f"{len(message.body)} bytes)"
     )
+
+
+def _not_text(headers: Mapping[str, Any]) -> str:
+    """Name the header ``decode_wire`` reads that is not text (error path only)."""
+    for name, value in headers.items():
+        if not isinstance(name, str):
+            return f"message header name {name!r:.40} is {type(name).__name__}, not text"
+        lower = name.lower()
+        if (lower == "content-type" or lower.startswith("ce-")) and not isinstance(value, str):
+            return (
+                f"message header {name!r} holds {type(value).__name__} {value!r:.40}, not "
+                f"text: CloudEvents headers are strings (was it written by something other "
+                f"than a CloudEvents binding?)"
+            )
+    return "message headers could not be read as text"
 
 
 def _decode_structured(body: bytes) -> Envelope:
