@@ -10,6 +10,7 @@ headers are rewritten in the file itself, as another program would leave them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -74,7 +75,7 @@ async def test_a_consumer_dead_letters_a_stored_message_with_a_number_for_its_id
             await broker.publish(
                 "items", encode_binary(Envelope.new("Item", Item(n=n), source="/t"))
             )
-        with sqlite3.connect(path) as other_writer:
+        with contextlib.closing(sqlite3.connect(path)) as other_writer, other_writer:
             (seq, stored) = other_writer.execute(
                 "SELECT seq, headers FROM ww_messages ORDER BY seq LIMIT 1"
             ).fetchone()
