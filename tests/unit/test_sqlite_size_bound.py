@@ -10,6 +10,8 @@ around the size and around the bound, on messages stored and claimed for real.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -76,3 +78,24 @@ async def test_a_message_within_its_bound_is_not_counted(broker: SqliteBroker) -
     assert counted == 0
     assert not delivery.exceeds(delivery._size_bound - 1)  # over the bound: counted
     assert counted == 1
+
+
+async def test_headers_stored_as_text_by_another_writer_still_bound_the_size(
+    broker: SqliteBroker,
+) -> None:
+    """Text counts characters, not UTF-8 bytes: 100 'é' are 106 characters of JSON, 200 bytes."""
+    message = WireMessage(headers={"ce-id": "é" * 100}, body=b"{}")
+    subscription = Subscription(topic="sizes", group="g", start="earliest")
+    await broker.declare_group(subscription)
+    await broker.publish("sizes", message)
+    with contextlib.closing(sqlite3.connect(broker.path)) as other_writer, other_writer:
+        other_writer.execute("UPDATE ww_messages SET headers = CAST(headers AS TEXT)")
+    deliveries = broker.subscribe(subscription)
+    delivery = await asyncio.wait_for(anext(deliveries), timeout=5.0)
+    await delivery.ack()
+    await deliveries.aclose()
+    assert isinstance(delivery, SqliteDelivery)
+    assert delivery.message == message
+    size = message.size
+    for limit in range(size - 120, size + 2):
+        assert delivery.exceeds(limit) is (size > limit), (limit, size)

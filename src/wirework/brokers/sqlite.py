@@ -567,7 +567,9 @@ class SqliteDelivery(Delivery):
             datetime.fromtimestamp(row.first_failure_at, UTC) if row.first_failure_at else None
         )
         self.message = WireMessage(orjson.loads(row.headers), row.body)  # positional: 1k less
-        self._size_bound = len(row.headers) + len(row.body)
+        # Bytes bound the size (``exceeds``); text that another writer stored may not.
+        headers_bound = len(row.headers) if type(row.headers) is bytes else 4 * len(row.headers)
+        self._size_bound = headers_bound + len(row.body)
 
     def exceeds(self, limit: int) -> bool:
         """Counted only when the stored bytes are over ``limit``, which they bound from above.
