@@ -84,9 +84,15 @@ class Worker:
     async def close(self) -> None:
         if self.process.returncode is None:
             self.process.kill()
-        await self.process.wait()
         self._reader.cancel()
         await asyncio.gather(self._reader, return_exceptions=True)
+        # Read to the end: a reader stopped by a line over the limit leaves its buffer full
+        # and the pipe paused, so its end is never seen and wait() waited forever (1 in 3).
+        if self.process.stdout is not None:
+            with contextlib.suppress(Exception):
+                while await self.process.stdout.read(1 << 16):
+                    pass
+        await self.process.wait()
 
 
 @contextlib.asynccontextmanager
